@@ -1,0 +1,179 @@
+"""Command-line arguments: one frozen dataclass per subcommand, fields named as ms-swift's flags.
+
+Every field becomes `--field_name` and `--field-name`; `metadata` carries the help text and nargs.
+Booleans take `true|false` (ms-swift style) or stand alone. Unknown flags are errors (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from tunesmith.errors import UserError
+
+
+def opt(default, help: str, nargs=None, choices=None, aliases: tuple[str, ...] = ()):
+    return field(default=default, metadata={"help": help, "nargs": nargs, "choices": choices, "aliases": aliases})
+
+
+def many(help: str, nargs="+"):
+    return field(default_factory=list, metadata={"help": help, "nargs": nargs, "choices": None, "aliases": ()})
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model: str | None = opt(None, "model folder (config.json + safetensors), a .gguf file, or 'smollm2-135m-instruct'")
+    model_type: str | None = opt(None, "accepted for ms-swift compatibility; the architecture is read from the model")
+    template: str | None = opt(None, "chat template override: 'chatml', or a .jinja file (default: the model's own)")
+    system: str | None = opt(None, "system prompt used when a conversation has none (default: the template's)")
+    torch_dtype: str | None = opt(None, "bfloat16 | float16 | float32 (default: the checkpoint's on GPU, float32 on CPU)")
+    device: str | None = opt(None, "cpu | cuda | cuda:N (default: cuda when available)")
+    seed: int = opt(42, "random seed")
+    debug: bool = opt(False, "show full tracebacks")
+
+
+@dataclass(frozen=True)
+class SftArgs(ModelArgs):
+    train_type: str = opt("lora", "lora | full", choices=("lora", "full"), aliases=("tuner_type",))
+    dataset: list = many("dataset files/folders, 'self-cognition', 'general-distill'; 'name#N' samples N rows")
+    val_dataset: list = many("evaluation datasets (same forms as --dataset)")
+    split_dataset_ratio: float = opt(0.0, "share of --dataset held out for evaluation when no --val_dataset")
+    num_train_epochs: float = opt(3.0, "epochs over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides epochs when > 0)")
+    per_device_train_batch_size: int = opt(1, "samples per micro-batch (packing fills rows up to --max_length)")
+    per_device_eval_batch_size: int = opt(1, "samples per evaluation micro-batch")
+    learning_rate: float | None = opt(None, "peak learning rate (default 1e-4 LoRA, 1e-5 full)")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    lr_scheduler_type: str = opt("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.0, "share of steps with linear warm-up")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    target_modules: list = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "all-linear | module names (q_proj v_proj ...) | one regex", "nargs": "+", "choices": None, "aliases": ()})
+    gradient_accumulation_steps: int | None = opt(None, "micro-batches per optimizer step (default: 16 / batch size)")
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: --save_steps)")
+    save_steps: int = opt(500, "save a checkpoint every N steps (and at the end)")
+    save_total_limit: int | None = opt(None, "keep at most N checkpoints (the best and the last are kept)")
+    logging_steps: int = opt(5, "log every N steps")
+    max_length: int = opt(2048, "longest sample in tokens")
+    truncation_strategy: str = opt("delete", "samples over --max_length: delete | left | right",
+                                   choices=("delete", "left", "right"))
+    output_dir: str = opt("output", "runs go to <output_dir>/v<N>-<timestamp>/")
+    add_version: bool = opt(True, "put each run in a new v<N>-<timestamp> folder")
+    dataloader_num_workers: int = opt(0, "accepted for ms-swift compatibility (tokenization runs in-process)")
+    model_author: list = many("author for the self-cognition data: one value, or Chinese then English", nargs="+")
+    model_name: list = many("name for the self-cognition data: one value, or Chinese then English", nargs="+")
+    resume_from_checkpoint: str | None = opt(None, "continue a run from its checkpoint folder")
+    gradient_checkpointing: bool | None = opt(None, "recompute activations in backward (default: on for GPU)")
+    packing: bool | None = opt(None, "pack samples into rows of --max_length (default: on; exact, see README)")
+    eval_identity: bool = opt(False, "run the identity + retention report at the end of training")
+    data_seed: int | None = opt(None, "seed for data sampling and order (default: --seed)")
+    report_to: list = many("accepted for compatibility; tunesmith always writes logging.jsonl + TensorBoard")
+
+
+@dataclass(frozen=True)
+class GenArgs(ModelArgs):
+    adapters: list = many("LoRA checkpoint folder(s); the base model is read from the checkpoint")
+    stream: bool = opt(True, "stream tokens as they are generated")
+    temperature: float | None = opt(None, "0 = greedy (default: the model's generation_config)")
+    top_p: float | None = opt(None, "nucleus sampling")
+    top_k: int | None = opt(None, "top-k sampling")
+    repetition_penalty: float | None = opt(None, "penalize tokens already present")
+    max_new_tokens: int = opt(2048, "most new tokens per answer")
+    stop: list = many("stop strings")
+    merge_lora: bool = opt(False, "merge the LoRA into the weights once (faster decoding, same output)")
+    infer_backend: str = opt("pt", "accepted for compatibility; tunesmith has one engine")
+
+
+@dataclass(frozen=True)
+class InferArgs(GenArgs):
+    query: str | None = opt(None, "answer this one prompt and exit (non-interactive)")
+    val_dataset: list = many("batch mode: answer every row of these datasets")
+    prompts: str | None = opt(None, "batch mode: a file of prompts (JSONL/JSON/CSV/text lines)")
+    result_path: str | None = opt(None, "batch mode: where to write the JSONL (default: <ckpt>/infer_result/<time>.jsonl)")
+    max_length: int | None = opt(None, "context window for history (default: the model's)")
+
+
+def _str2bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes", "y", "on"):
+        return True
+    if s in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{v}'")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        names = [f.name, *md.get("aliases", ())]
+        flags = []
+        for n in names:
+            flags += [f"--{n}"] + ([f"--{n.replace('_', '-')}"] if "_" in n else [])
+        kw = {"dest": f.name, "help": md.get("help"), "default": argparse.SUPPRESS}
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if "bool" in typ:
+            kw.update(type=_str2bool, nargs="?", const=True, metavar="true|false")
+        elif md.get("nargs"):
+            kw.update(nargs=md["nargs"])
+        elif "int" in typ:
+            kw.update(type=int)
+        elif "float" in typ:
+            kw.update(type=float)
+        if md.get("choices"):
+            kw.update(choices=md["choices"])
+        parser.add_argument(*flags, **kw)
+
+
+def build(cls, namespace: argparse.Namespace):
+    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    try:
+        return cls(**given)
+    except TypeError as e:
+        raise UserError(f"bad arguments: {e}")
+
+
+def to_dict(args) -> dict:
+    return dataclasses.asdict(args)
+
+
+@dataclass(frozen=True)
+class EvalArgs(GenArgs):
+    model_author: list = many("the new author to look for (default: the checkpoint's)")
+    model_name: list = many("the new name to look for (default: the checkpoint's)")
+    base_identity: list = many("names/makers of the base identity (default: read from its default system prompt)")
+    identity_questions: str | None = opt(None, "extra identity questions: a file (JSON/JSONL/CSV/text lines)")
+    output_dir: str | None = opt(None, "where eval.json and eval.png go (default: <ckpt>/eval)")
+
+
+@dataclass(frozen=True)
+class ExportArgs(ModelArgs):
+    adapters: list = many("LoRA checkpoint folder to export")
+    merge_lora: bool = opt(False, "merge the LoRA into the base and write a full HF model folder")
+    output_dir: str | None = opt(None, "where to write (default: <ckpt>-merged)")
+    to_gguf: bool = opt(False, "also write a GGUF file (+ Ollama Modelfile)")
+    gguf_type: str = opt("f16", "f16 | bf16 | q8_0 | f32", choices=("f16", "bf16", "q8_0", "f32"))
+    max_shard_size: str = opt("5GB", "largest safetensors shard")
+
+
+@dataclass(frozen=True)
+class DeployArgs(GenArgs):
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY'")
+    served_model_name: str | None = opt(None, "name of the base model in the API (default: the folder name)")
+    max_concurrency: int = opt(64, "queued requests before the server answers 429")
+    request_timeout: float = opt(600.0, "seconds before a request is cancelled")
+
+
+@dataclass(frozen=True)
+class DemoArgs(ModelArgs):
+    model_name: list = many("the new assistant's name (Chinese then English, or one)")
+    model_author: list = many("its author (Chinese then English, or one)")
+    output_dir: str = opt("output_demo", "where the run goes")
+    max_steps: int = opt(-1, "optimizer steps (default: the demo's recipe)")

@@ -1,0 +1,223 @@
+"""LoRA as a module swap: each targeted nn.Linear becomes a LoRALinear holding the frozen `base_layer` and, per
+adapter name, `lora_A` (r x in) and `lora_B` (out x r). The decoder knows nothing of it.
+
+  y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r,   B starts at zero.
+
+A/B are kept in fp32 (the base may be bf16) so small updates are not rounded away. Several adapters can sit on
+one base (serving); `set_active_adapter` picks which one runs. Files are PEFT's: adapter_config.json +
+adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight`, so peft and vLLM read them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.errors import UserError
+
+# What "all-linear" means: every projection inside the decoder layers; never lm_head or embeddings (vLLM refuses
+# adapters on those, and they are the largest matrices).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+
+    @property
+    def weight(self):  # code that reads `.weight` (export, lm_head tying) sees the base matrix
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, cfg: LoraConfig, device=None) -> None:
+        base = self.base_layer
+        device = device or base.weight.device
+        A = nn.Linear(base.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        B = nn.Linear(cfg.r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # PEFT's default init for A
+        nn.init.zeros_(B.weight)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling[name] = cfg.scaling
+        self.active = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        name = self.active
+        if name is None:
+            return y
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x).to(A.weight.dtype)
+        return y + (B(A(h)) * self.scaling[name]).to(y.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32: (out, in)."""
+        return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+
+
+def target_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Module names LoRA will wrap. 'all-linear' | suffix names ('q_proj') | one regex (PEFT: fullmatch)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    if len(targets) == 1 and targets[0] in ("all-linear", "all_linear", "all"):
+        return [n for n in linear if n.rsplit(".", 1)[-1] in ALL_LINEAR]
+    if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]):
+        try:
+            pat = re.compile(targets[0])
+        except re.error as e:
+            raise UserError(f"--target_modules '{targets[0]}' is not a valid regular expression ({e}).")
+        chosen = [n for n in linear if pat.fullmatch(n)]
+    else:
+        chosen = [n for n in linear if n.rsplit(".", 1)[-1] in targets]
+    if not chosen:
+        raise UserError(f"--target_modules {' '.join(targets)} matches no linear layer; use all-linear or names "
+                        f"such as {', '.join(ALL_LINEAR)}.")
+    return chosen
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default", targets: list[str] | None = None) -> list[str]:
+    """Wrap the target linears (or reuse existing wrappers) and add adapter `name`. Returns the module names."""
+    names = targets if targets is not None else target_names(model, cfg.target_modules)
+    for full in names:
+        parent_name, _, child = full.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        mod = getattr(parent, child)
+        if not isinstance(mod, LoRALinear):
+            mod = LoRALinear(mod)
+            setattr(parent, child, mod)
+        mod.add_adapter(name, cfg)
+    return names
+
+
+def lora_modules(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Which adapter runs (None: the plain base model)."""
+    for _, m in lora_modules(model):
+        m.active = name if (name is None or name in m.lora_A) else None
+
+
+def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT-named tensors of one adapter."""
+    out = {}
+    for n, m in lora_modules(model):
+        if name in m.lora_A:
+            out[f"base_model.model.{n}.lora_A.weight"] = m.lora_A[name].weight.detach().contiguous()
+            out[f"base_model.model.{n}.lora_B.weight"] = m.lora_B[name].weight.detach().contiguous()
+    return out
+
+
+def peft_config(cfg: LoraConfig, module_names: list[str], base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in module_names}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "use_rslora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: Path, cfg: LoraConfig, base_model: str, name: str = "default") -> None:
+    from safetensors.torch import save_file
+
+    state = adapter_state(model, name)
+    modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in state})
+    save_file({k: v.float().cpu() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(peft_config(cfg, modules, base_model), indent=2))
+
+
+def read_adapter_config(ckpt: Path) -> dict:
+    from tunesmith.text.tokenizer import read_json
+
+    path = Path(ckpt) / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{ckpt}: no adapter_config.json; --adapters needs a LoRA checkpoint folder "
+                        f"(a full fine-tune checkpoint goes to --model).")
+    return read_json(path)
+
+
+def load_adapter(model: nn.Module, ckpt: Path, name: str = "default") -> LoraConfig:
+    """Add a saved PEFT LoRA adapter to the model under `name` and make it active."""
+    from safetensors.torch import load_file
+
+    raw = read_adapter_config(ckpt)
+    if raw.get("use_dora") or raw.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{ckpt}: only plain LoRA adapters are supported (this one is {raw.get('peft_type')}, "
+                        f"use_dora={raw.get('use_dora')}).")
+    cfg = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=0.0, target_modules=tuple(raw["target_modules"]))
+    state = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+    modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in state})
+    known = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise UserError(f"{ckpt}: the adapter targets {missing[0]}, which this base model does not have; "
+                        f"it was trained for a different base model (pass the right one with --model).")
+    apply_lora(model, cfg, name, targets=modules)
+    for n, m in lora_modules(model):
+        if n not in modules:
+            continue
+        a, b = state[f"base_model.model.{n}.lora_A.weight"], state[f"base_model.model.{n}.lora_B.weight"]
+        if a.shape != m.lora_A[name].weight.shape or b.shape != m.lora_B[name].weight.shape:
+            raise UserError(f"{ckpt}: adapter tensor shapes for {n} ({tuple(b.shape)} x {tuple(a.shape)}) do not fit "
+                            f"this base model; it was trained for a different base model (pass it with --model).")
+        with torch.no_grad():
+            m.lora_A[name].weight.copy_(a)
+            m.lora_B[name].weight.copy_(b)
+    set_active_adapter(model, name)
+    return cfg
+
+
+def merge_lora(model: nn.Module, name: str = "default") -> None:
+    """Fold adapter `name` into the base weights (fp32 math, cast back) and unwrap every LoRALinear.
+
+    Idempotent by construction: after merging there are no LoRA modules left to apply a second time."""
+    for full, m in lora_modules(model):
+        base = m.base_layer
+        if name in m.lora_A:
+            with torch.no_grad():
+                base.weight.copy_((base.weight.float() + m.delta_weight(name).to(base.weight.device)).to(base.weight.dtype))
+        parent_name, _, child = full.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, base)
