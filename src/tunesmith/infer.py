@@ -1,0 +1,250 @@
+"""`tunesmith infer`: interactive streaming chat, one `--query`, or batch answers to a dataset.
+
+`load_for_generation` is shared by infer, eval and deploy: it finds the base model, template and system prompt
+from a checkpoint's args.json (unless given), loads the base once and puts every adapter on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.args import GenArgs, InferArgs
+from tunesmith.errors import UserError
+from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.model.load import LoadedModel, load_model
+from tunesmith.model.lora import load_adapter, merge_lora, set_active_adapter
+from tunesmith.text.template import CHATML, ChatTemplate
+from tunesmith.train.checkpoint import read_checkpoint_args
+
+
+@dataclass
+class Session:
+    """A loaded base model with its adapters, and what the checkpoints say about how they were trained."""
+
+    lm: LoadedModel
+    adapters: dict[str, Path]  # name -> checkpoint folder
+    system: str | None  # the system prompt used in training (or --system)
+    ckpt_args: dict  # args.json of the first checkpoint ({} for a plain model)
+
+    @property
+    def generator(self) -> Generator:
+        return Generator(self.lm)
+
+
+def override_template(lm: LoadedModel, template: str) -> None:
+    src = CHATML if template == "chatml" else Path(template).read_text() if Path(template).is_file() else None
+    if src is None:
+        raise UserError(f"--template '{template}': give 'chatml' or a .jinja file.")
+    lm.template = ChatTemplate(src, lm.tokenizer)
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """'CKPT' or 'NAME=CKPT' -> {name: path}; a single unnamed adapter is called 'default'."""
+    out = {}
+    for i, s in enumerate(specs):
+        name, _, path = s.rpartition("=") if "=" in s else ("", "", s)
+        name = name or ("default" if len(specs) == 1 else Path(path).parent.name + "-" + Path(path).name)
+        p = Path(path)
+        if not p.is_dir():
+            raise UserError(f"--adapters {path}: no such checkpoint folder.")
+        out[name] = p
+    return out
+
+
+def load_for_generation(args: GenArgs, device: str | None = None) -> Session:
+    adapters = parse_adapter_specs(args.adapters)
+    ckpt_args = read_checkpoint_args(next(iter(adapters.values()))) if adapters else {}
+    if args.model:
+        base = args.model
+    elif adapters:
+        base = ckpt_args.get("model")
+        if not base:
+            from tunesmith.model.lora import read_adapter_config
+
+            base = read_adapter_config(next(iter(adapters.values()))).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{next(iter(adapters.values()))}: the checkpoint does not name its base model; pass --model.")
+    else:
+        raise UserError("no --model or --adapters given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
+    dev = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_model(base, args.torch_dtype, dev)
+    template = args.template or (ckpt_args.get("template") if ckpt_args.get("template") else None)
+    if template:
+        override_template(lm, template)
+    for name, path in adapters.items():
+        load_adapter(lm.model, path, name)
+    if args.merge_lora and adapters:
+        if len(adapters) > 1:
+            raise UserError("--merge_lora true works with one adapter; several adapters are served unmerged.")
+        merge_lora(lm.model, next(iter(adapters)))
+    elif adapters:
+        set_active_adapter(lm.model, next(iter(adapters)))
+    system = args.system if args.system is not None else ckpt_args.get("system")
+    return Session(lm, adapters, system, ckpt_args)
+
+
+def sampling_from(args: GenArgs, lm: LoadedModel) -> SamplingConfig:
+    d = lm.generation_defaults
+    pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=pick(args.temperature, "temperature", 0.0),
+        top_p=pick(args.top_p, "top_p", 1.0),
+        top_k=pick(args.top_k, "top_k", 0) or 0,
+        repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0),
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def infer(args: InferArgs) -> int:
+    session = load_for_generation(args)
+    cfg = sampling_from(args, session.lm)
+    if args.query is not None:
+        answer(session, [{"role": "user", "content": args.query}], cfg, args.stream)
+        return 0
+    if args.val_dataset or args.prompts:
+        return batch_infer(session, args, cfg)
+    return chat_loop(session, args, cfg)
+
+
+def answer(session: Session, messages: list[dict], cfg: SamplingConfig, stream: bool, out=None) -> str:
+    """Print one answer (streamed or whole) and return its text. Ctrl-C stops the answer, keeps what came."""
+    out = out or sys.stdout
+    gen = session.generator
+    ids = gen.chat_prompt(messages, session.system)
+    text = ""
+    try:
+        for d in gen.stream(ids, cfg):
+            text += d.text
+            if stream and d.text:
+                out.write(d.text)
+                out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    if not stream:
+        out.write(text)
+    out.write("\n")
+    out.flush()
+    return text
+
+
+HELP = ("commands: 'clear' empties the history, 'reset-system' sets a new system prompt, 'multi-line' / "
+        "'single-line' switch input mode (multi-line input ends with '#'), 'exit' or 'quit' leaves.")
+
+
+def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
+    gen = session.generator
+    context = args.max_length or gen.context_length
+    history: list[dict] = []
+    multi = False
+    print(f"tunesmith chat — {session.lm.path}" + (f" + {', '.join(map(str, session.adapters.values()))}"
+                                                   if session.adapters else ""))
+    print(HELP)
+    while True:
+        try:
+            query = _read_query(multi)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = query.strip()
+        if cmd in ("exit", "quit"):
+            return 0
+        if cmd == "clear":
+            history = []
+            print("history cleared")
+            continue
+        if cmd == "reset-system":
+            session.system = input("new system prompt: ")
+            history = []
+            continue
+        if cmd in ("multi-line", "single-line"):
+            multi = cmd == "multi-line"
+            print("multi-line input: end with '#'" if multi else "single-line input")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": query})
+        while len(gen.chat_prompt(history, session.system)) + min(cfg.max_new_tokens, 256) > context and len(history) > 1:
+            history = history[2:]  # drop the oldest user/assistant pair
+            print("[the oldest turn was dropped to fit the context]")
+        reply = answer(session, history, cfg, args.stream)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _read_query(multi: bool) -> str:
+    if not multi:
+        return input("<<< ")
+    lines = []
+    while True:
+        line = input("... " if lines else "<<< ")
+        if line.endswith("#"):
+            lines.append(line[:-1])
+            return "\n".join(lines)
+        lines.append(line)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """A prompts file: JSON list / JSONL of strings or {"prompt"|"query"|"instruction", "reference"?} rows, or text lines."""
+    from tunesmith.text.tokenizer import read_json
+
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file.")
+    if path.suffix == ".json":
+        rows = read_json(path)
+    elif path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}).")
+    else:
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for i, r in enumerate(rows, 1):
+        if isinstance(r, str):
+            out.append({"messages": [{"role": "user", "content": r}], "reference": None})
+            continue
+        q = r.get("prompt") or r.get("query") or r.get("instruction")
+        if not isinstance(q, str):
+            raise UserError(f"{path}: row {i} has no 'prompt' (or 'query'/'instruction') text.")
+        out.append({"messages": [{"role": "user", "content": q}], "reference": r.get("reference") or r.get("response")})
+    return out
+
+
+def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
+    if args.prompts:
+        items = read_prompts(Path(args.prompts))
+    else:
+        from tunesmith.data.sources import load_datasets
+
+        items = []
+        for conv in load_datasets(args.val_dataset, args.seed, None, None):
+            last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+            items.append({"messages": conv[:last], "reference": conv[last]["content"]})
+    gen = session.generator
+    if args.result_path:
+        out_path = Path(args.result_path)
+    else:
+        root = next(iter(session.adapters.values())) if session.adapters else Path("output")
+        out_path = root / "infer_result" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for it in items:
+            c = gen.complete(gen.chat_prompt(it["messages"], session.system), cfg)
+            prompt = next(m["content"] for m in reversed(it["messages"]) if m["role"] == "user")
+            f.write(json.dumps({"prompt": prompt, "response": c.text, "reference": it["reference"]},
+                               ensure_ascii=False) + "\n")
+    print(f"{len(items)} answers written to {out_path}")
+    return 0

@@ -1,0 +1,350 @@
+"""`tunesmith sft`: the one training loop. LoRA vs full is only which parameters train and what gets saved.
+
+Step semantics follow ms-swift / the HF Trainer: an optimizer step consumes per_device_train_batch_size x
+gradient_accumulation_steps samples (the last step of an epoch may take fewer), steps per epoch =
+ceil(samples / that), data reshuffled every epoch from the seed. The loss of a step is the mean over all of its
+supervised tokens, however the samples are packed into rows, so packing changes speed and never the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunesmith.args import SftArgs, to_dict
+from tunesmith.data.packing import Sample, encode_dataset, pack_samples
+from tunesmith.errors import UserError
+from tunesmith.model.load import LoadedModel, load_model
+from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+from tunesmith.train import checkpoint as ckpt_io
+from tunesmith.train.logs import RunLog
+from tunesmith.train.loss import chunked_cross_entropy_sum
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_defaults(args: SftArgs) -> SftArgs:
+    """ms-swift's defaults that depend on other flags."""
+    lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.train_type == "lora" else 1e-5)
+    ga = args.gradient_accumulation_steps or max(1, math.ceil(16 / args.per_device_train_batch_size))
+    return replace(args, learning_rate=lr, gradient_accumulation_steps=ga,
+                   eval_steps=args.eval_steps or args.save_steps,
+                   packing=True if args.packing is None else args.packing,
+                   data_seed=args.seed if args.data_seed is None else args.data_seed)
+
+
+def lr_at(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak lr for 0-based optimizer step `step` (HF's schedules)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def load_training_data(args: SftArgs):
+    """(train convs, val convs, distill specs) — before the model loads, so bad data fails fast."""
+    from tunesmith.data import self_cognition as sc
+    from tunesmith.data.sources import load_datasets, split_dataset
+
+    name, author = sc.parse_name_author(args.model_name or None), sc.parse_name_author(args.model_author or None)
+    if not args.dataset:
+        raise UserError("no --dataset given; pass a file or folder (JSON, JSONL, CSV, Parquet) or 'self-cognition'.")
+    distill = [d for d in args.dataset if d.split("#")[0] == "general-distill"]
+    plain = [d for d in args.dataset if d not in distill]
+    train = load_datasets(plain, args.data_seed, name, author) if plain else []
+    val = load_datasets(args.val_dataset, args.data_seed, name, author) if args.val_dataset else []
+    sc.check_no_placeholders(train, "--dataset")
+    sc.check_no_placeholders(val, "--val_dataset")
+    if not val and args.split_dataset_ratio > 0:
+        train, val = split_dataset(train, args.split_dataset_ratio, args.data_seed)
+    return train, val, distill
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices; none on norms and biases (as the HF Trainer does)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, args: SftArgs, lm: LoadedModel, train: list[Sample], val: list[Sample], run_dir: Path,
+                 device: torch.device, quiet: bool = False):
+        self.args, self.lm, self.run_dir, self.device = args, lm, run_dir, device
+        self.model = lm.model
+        self.train_samples, self.val_samples = train, val
+        self.group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(train) / self.group)
+        if args.max_steps and args.max_steps > 0:
+            self.total_steps = args.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.steps_per_epoch * args.num_train_epochs))
+        self.warmup = math.ceil(args.warmup_ratio * self.total_steps)
+        self.checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None \
+            else device.type == "cuda"
+        self.lora_cfg = LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.target_modules))
+        self.lora_names: list[str] = []
+        if args.train_type == "lora":
+            self.model.requires_grad_(False)
+            self.lora_names = apply_lora(self.model, self.lora_cfg)
+        else:
+            self.model.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.learning_rate,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.step = 0
+        self.log = RunLog(run_dir, self.total_steps, quiet=quiet)
+        self.best: tuple[float, Path] | None = None
+        self.losses: list[float] = []
+
+    # -- data order ---------------------------------------------------------------------------------------
+    def step_samples(self, step: int) -> list[Sample]:
+        """The samples of 0-based optimizer step `step`: a pure function of (data_seed, epoch, step in epoch),
+        which is what makes resume exact."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(self.args.data_seed + epoch))
+        idx = order[k * self.group : (k + 1) * self.group].tolist()
+        return [self.train_samples[i] for i in idx]
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def loss_sum(self, rows) -> tuple[torch.Tensor, int]:
+        total, n_tokens = None, 0
+        for row in rows:
+            row = row.to(self.device)
+            h = self.model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
+                           checkpoint=self.checkpointing)
+            s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels)
+            total = s if total is None else total + s
+            n_tokens += row.input_ids.numel()
+        return total, n_tokens
+
+    def train_step(self) -> dict:
+        args = self.args
+        samples = self.step_samples(self.step)
+        n_sup = sum(s.n_supervised for s in samples)
+        lr = args.learning_rate * lr_at(self.step, self.total_steps, self.warmup, args.lr_scheduler_type)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        t0 = time.time()
+        loss_total, n_tokens = 0.0, 0
+        # Micro-batches of per_device_train_batch_size samples, packed into rows; each backward is scaled by the
+        # step's supervised-token count so the accumulated gradient is that of the mean over the whole step.
+        bs = args.per_device_train_batch_size
+        micro = [samples[i : i + bs] for i in range(0, len(samples), bs)] if not args.packing else [samples]
+        for chunk in micro:
+            rows = pack_samples(chunk, max(args.max_length, max(len(s.input_ids) for s in chunk)), args.packing)
+            for row in rows:
+                s, n = self.loss_sum([row])
+                (s / n_sup).backward()
+                loss_total += s.item()
+                n_tokens += n
+        params = trainable_parameters(self.model)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.time() - t0
+        return {"loss": loss_total / n_sup, "grad_norm": grad_norm, "learning_rate": lr,
+                "epoch": round(self.step / self.steps_per_epoch, 4), "tokens": n_tokens, "seconds": dt}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.val_samples:
+            return None
+        self.model.eval()
+        total, n_sup = 0.0, 0
+        bs = self.args.per_device_eval_batch_size
+        for i in range(0, len(self.val_samples), bs):
+            chunk = self.val_samples[i : i + bs]
+            rows = pack_samples(chunk, max(self.args.max_length, max(len(s.input_ids) for s in chunk)), self.args.packing)
+            s, _ = self.loss_sum(rows)
+            total += s.item()
+            n_sup += sum(x.n_supervised for x in chunk)
+        return total / max(n_sup, 1)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def checkpoint_args(self) -> dict:
+        d = to_dict(self.args)
+        d.update(model=str(self.lm.path), system=self.args.system, train_type=self.args.train_type,
+                 template_source=self.lm.template.source if self.args.template else None)
+        return d
+
+    def save(self, eval_loss: float | None) -> Path:
+        def write(tmp: Path):
+            if self.args.train_type == "lora":
+                save_adapter(self.model, tmp, self.lora_cfg, str(self.lm.path))
+            else:
+                from tunesmith.export.hf import save_hf_folder
+
+                save_hf_folder(self.lm, tmp, system=self.args.system)
+            ckpt_io.write_json(tmp / ckpt_io.ARGS_FILE, self.checkpoint_args())
+            ckpt_io.save_trainer_state(tmp, {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "log": self.log.records,
+                "best": None if self.best is None else [self.best[0], self.best[1].name],
+            })
+
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, write, self.args.save_total_limit, None)
+        if eval_loss is not None and (self.best is None or eval_loss < self.best[0]):
+            self.best = (eval_loss, path)
+        ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, self.best[1] if self.best else None)
+        return path
+
+    def resume(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = ckpt_io.load_trainer_state(ckpt)
+        if self.args.train_type == "lora":
+            weights = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+            for n, m in lora_modules(self.model):
+                m.lora_A["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_A.weight"])
+                m.lora_B["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_B.weight"])
+        else:
+            resumed = load_model(ckpt, self.args.torch_dtype, self.device).model
+            self.model.load_state_dict(resumed.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log.records = list(state.get("log", []))
+        if state.get("best"):
+            self.best = (state["best"][0], self.run_dir / state["best"][1])
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        args = self.args
+        last_ckpt = None
+        window_tokens, window_time, window_loss = 0, 0.0, []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while self.step < self.total_steps:
+            out = self.train_step()
+            window_tokens += out["tokens"]
+            window_time += out["seconds"]
+            window_loss.append(out["loss"])
+            self.losses.append(out["loss"])
+            tps = window_tokens / max(window_time, 1e-9)
+            self.log.progress(self.step, out["loss"], tps)
+            done = self.step == self.total_steps
+            if self.step % args.logging_steps == 0 or done or self.step == 1:
+                self.log.log(self.step, {"loss": sum(window_loss) / len(window_loss), "grad_norm": out["grad_norm"],
+                                         "learning_rate": out["learning_rate"], "epoch": out["epoch"],
+                                         "tokens_per_second": round(tps, 1), "memory(GiB)": round(peak_memory_gib(self.device), 3)})
+                window_tokens, window_time, window_loss = 0, 0.0, []
+            eval_loss = None
+            if self.val_samples and (self.step % args.eval_steps == 0 or done):
+                eval_loss = self.evaluate()
+                self.log.log(self.step, {"eval_loss": eval_loss})
+            if self.step % args.save_steps == 0 or done:
+                last_ckpt = self.save(eval_loss)
+                self.log.plot()
+        self.log.close()
+        return last_ckpt
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:
+        return 0.0
+
+
+def sft(args: SftArgs, quiet: bool = False) -> int:
+    args = resolve_defaults(args)
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if resume is not None and not resume.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+    train_convs, val_convs, distill = load_training_data(args)
+    if not args.model:
+        raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
+    lm = load_model(args.model, args.torch_dtype, device)
+    if args.template:
+        from tunesmith.infer import override_template
+
+        override_template(lm, args.template)
+    run_dir = resume.parent if resume is not None else ckpt_io.new_run_dir(args.output_dir, args.add_version)
+    if distill:
+        from tunesmith.evaluate.distill import general_distill
+
+        for spec in distill:
+            train_convs += general_distill(lm, spec, run_dir, args.data_seed, args.system)
+    train, dropped = encode_dataset(train_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
+    val, dropped_val = encode_dataset(val_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
+    if not train:
+        raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
+                        f"{args.max_length} or have no assistant answer.")
+    trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
+    ckpt_io.write_json(run_dir / ckpt_io.ARGS_FILE, trainer.checkpoint_args())
+    n_params = sum(p.numel() for p in trainable_parameters(lm.model))
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    say(f"run: {run_dir}")
+    say(f"data: {len(train)} training samples, {len(val)} eval samples"
+        + (f"; {dropped + dropped_val} dropped (over --max_length {args.max_length} or no answer)" if dropped + dropped_val else ""))
+    say(f"model: {lm.path} on {device} ({next(lm.model.parameters()).dtype}); trainable parameters {n_params:,} "
+        f"({args.train_type}); {trainer.total_steps} steps of {trainer.group} samples, lr {args.learning_rate}")
+    if resume is not None:
+        trainer.resume(resume)
+        say(f"resumed at step {trainer.step} from {resume}")
+    t0 = time.time()
+    last = trainer.fit()
+    summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1),
+               "peak_memory_gib": round(peak_memory_gib(device), 3), "last_checkpoint": str(last),
+               "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
+               "final_loss": trainer.losses[-1] if trainer.losses else None}
+    ckpt_io.write_json(run_dir / "summary.json", summary)
+    say(f"done: {summary['steps']} steps in {summary['seconds']} s, peak memory {summary['peak_memory_gib']} GiB")
+    say(f"checkpoint: {last}")
+    flag = "--adapters" if args.train_type == "lora" else "--model"
+    say(f"try it:  tunesmith infer {flag} {last} --stream true --temperature 0 --max_new_tokens 2048")
+    if args.train_type == "lora":
+        from tunesmith.export.vllm_check import vllm_report
+
+        say(vllm_report(last))
+    if args.eval_identity:
+        from tunesmith.evaluate.report import run_report
+
+        run_report(last, run_dir / "eval", lm=lm)
+    return 0
