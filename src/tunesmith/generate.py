@@ -131,6 +131,59 @@ class Generator:
             yield Delta(final[emitted:])
         yield Delta("", finish, len(prompt_ids), len(out))
 
+    @torch.inference_mode()
+    def complete_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[Completion]:
+        """Several prompts decoded together (eval, batch infer): left-padded, one KV cache of B rows.
+
+        Padding is its own 'sample' in seq_ids, so real tokens never attend to it, and positions count real
+        tokens only: each row computes exactly what it would alone (up to float summation order)."""
+        if not prompts:
+            return []
+        device = self.model.lm_head_weight.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        max_new = min(cfg.max_new_tokens, self.context_length - L)
+        if max_new <= 0:
+            raise UserError(f"a prompt has {L} tokens, more than the model's context of {self.context_length}.")
+        pad = [L - len(p) for p in prompts]
+        ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)], device=device)
+        seq = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pad, prompts)], device=device)  # (B, L)
+        pos = (seq.cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.model.config, B, L + max_new, device, self.model.lm_head_weight.dtype)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        eos = torch.tensor(sorted(self.lm.eos_token_ids) or [-1], device=device)
+        seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+        out = [[] for _ in range(B)]
+        finish = ["length"] * B
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+        h = self.model(ids, position_ids=pos, seq_ids=seq, cache=cache)[:, -1]
+        next_pos = pos[:, -1] + 1
+        for step in range(max_new):
+            logits = self.model.logits(h).float()
+            if step < cfg.min_new_tokens:
+                logits[:, eos] = float("-inf")
+            toks = torch.stack([sample(logits[b], seen[b], cfg, gen) for b in range(B)])
+            is_eos = torch.isin(toks, eos)
+            for b in torch.nonzero(alive & is_eos).flatten().tolist():
+                finish[b] = "stop"
+            alive &= ~is_eos
+            for b in torch.nonzero(alive).flatten().tolist():
+                out[b].append(int(toks[b]))
+            if not bool(alive.any()) or step == max_new - 1:
+                break
+            seen[torch.arange(B, device=device), toks] = True
+            seq = torch.cat([seq, torch.ones(B, 1, dtype=seq.dtype, device=device)], 1)
+            h = self.model(toks[:, None], position_ids=next_pos[:, None], seq_ids=seq, cache=cache)[:, -1]
+            next_pos = next_pos + 1
+        results = []
+        for b in range(B):
+            text = self.tokenizer.decode(out[b])
+            cut = _find_stop(text, cfg.stop, 0)
+            if cut is not None:
+                text, finish[b] = text[:cut], "stop"
+            results.append(Completion(text, finish[b], len(prompts[b]), len(out[b]), out[b]))
+        return results
+
     def _final_text(self, out: list[int], cfg: SamplingConfig) -> str:
         text = self.tokenizer.decode(out)
         cut = _find_stop(text, cfg.stop, 0)

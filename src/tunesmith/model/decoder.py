@@ -256,14 +256,17 @@ def attention_mask(seq_ids: torch.Tensor | None, q_len: int, kv_len: int, device
     """Boolean (B|1, 1, q_len, kv_len) mask, True = may attend; None means plain causal SDPA suffices.
 
     Queries are the last q_len of kv_len positions (a KV cache holds the first kv_len - q_len).
-    With `seq_ids` (B, T), tokens attend only within their own sample (block-diagonal causal)."""
+    With `seq_ids` (B, q_len or kv_len), tokens attend only within their own sample (block-diagonal causal);
+    batched generation marks left padding as its own sample this way, with seq_ids over the whole kv_len."""
     if seq_ids is None and q_len == kv_len:
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
     causal = q_pos[:, None] >= torch.arange(kv_len, device=device)[None, :]  # (q_len, kv_len)
     if seq_ids is None:
         return causal[None, None]
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]  # (B, T, T)
+    k_ids = seq_ids
+    q_ids = seq_ids[:, -q_len:]
+    same = q_ids[:, :, None] == k_ids[:, None, :]  # (B, q_len, kv_len)
     return (same & causal[None])[:, None]
 
 
@@ -296,7 +299,8 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) -> final-norm hidden states (B, T, hidden).
 
-        position_ids default to cache.length + arange(T); seq_ids marks packed samples (see attention_mask)."""
+        position_ids default to cache.length + arange(T); seq_ids marks packed samples (see attention_mask) and
+        may span the cached positions too (B, cache.length + T)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
