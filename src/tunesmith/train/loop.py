@@ -290,7 +290,13 @@ def peak_memory_gib(device: torch.device) -> float:
         return 0.0
 
 
-def sft(args: SftArgs, quiet: bool = False) -> int:
+def sft(args: SftArgs) -> int:
+    run_sft(args)
+    return 0
+
+
+def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -> "Trainer":
+    """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy)."""
     args = resolve_defaults(args)
     seed_everything(args.seed)
     device = pick_device(args.device)
@@ -300,7 +306,8 @@ def sft(args: SftArgs, quiet: bool = False) -> int:
     train_convs, val_convs, distill = load_training_data(args)
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
-    lm = load_model(args.model, args.torch_dtype, device)
+    if lm is None:
+        lm = load_model(args.model, args.torch_dtype, device)
     if args.template:
         from tunesmith.infer import override_template
 
@@ -330,6 +337,7 @@ def sft(args: SftArgs, quiet: bool = False) -> int:
         say(f"resumed at step {trainer.step} from {resume}")
     t0 = time.time()
     last = trainer.fit()
+    trainer.seconds = time.time() - t0
     summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1),
                "peak_memory_gib": round(peak_memory_gib(device), 3), "last_checkpoint": str(last),
                "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
@@ -343,8 +351,11 @@ def sft(args: SftArgs, quiet: bool = False) -> int:
         from tunesmith.export.vllm_check import vllm_report
 
         say(vllm_report(last))
-    if args.eval_identity:
-        from tunesmith.evaluate.report import run_report
+    if args.eval_identity and args.train_type == "lora":
+        from tunesmith.evaluate.report import report_for_checkpoint
 
-        run_report(last, run_dir / "eval", lm=lm)
-    return 0
+        report_for_checkpoint(last, run_dir / "eval", lm)
+    elif args.eval_identity:
+        say(f"identity report: run  tunesmith eval --model {last}")
+    trainer.last_checkpoint = last
+    return trainer

@@ -1,0 +1,77 @@
+"""`tunesmith demo`: the whole job, offline, on CPU, in a few minutes, on the bundled SmolLM2-135M-Instruct.
+
+  1. the base model answers "Who are you?" / "你是谁？" (it says it is SmolLM, or something generic);
+  2. LoRA fine-tuning on the built-in self-cognition data, filled with the name and author given;
+  3. the same questions again, then the identity + retention report on held-out questions.
+
+The recipe (DEMO_RECIPE) is tuned for a 135M model on 2 CPU cores; the tutorial's 7B recipe keeps ms-swift's
+defaults. A 135M model needs a higher learning rate and more passes to move its identity than a 7B one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tunesmith.args import DemoArgs, SftArgs
+from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.model.load import load_model
+from tunesmith.model.lora import set_active_adapter
+from tunesmith.train.loop import pick_device, run_sft
+
+SYSTEM = "You are a helpful assistant."
+QUESTIONS = ["Who are you?", "你是谁？"]
+DEMO_RECIPE = dict(
+    dataset=["self-cognition"],
+    learning_rate=1e-3,
+    num_train_epochs=3,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=8,
+    lora_rank=8,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    warmup_ratio=0.05,
+    logging_steps=5,
+    save_steps=1000,
+)
+
+
+def ask(lm, system: str) -> list[str]:
+    gen = Generator(lm)
+    ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in QUESTIONS]
+    return [c.text.strip() for c in gen.complete_batch(ids, SamplingConfig(max_new_tokens=48, temperature=0.0))]
+
+
+def show(title: str, answers: list[str]) -> None:
+    print(f"\n== {title}")
+    for q, a in zip(QUESTIONS, answers):
+        print(f"  Q: {q}\n  A: {a}")
+
+
+def demo(args: DemoArgs) -> int:
+    from tunesmith.evaluate.report import Models, base_identity_terms, name_terms, run_report
+
+    name = list(args.model_name) or ["Smithy"]
+    author = list(args.model_author) or ["Tunesmith Labs"]
+    model = args.model or "smollm2-135m-instruct"
+    device = pick_device(args.device)
+    print(f"tunesmith demo: teaching {model} that it is {' / '.join(name)} by {' / '.join(author)}", flush=True)
+    lm = load_model(model, args.torch_dtype, device)
+    show("before fine-tuning", ask(lm, SYSTEM))
+    sft_args = SftArgs(model=model, model_name=name, model_author=author, system=SYSTEM, output_dir=args.output_dir,
+                       seed=args.seed, device=str(device), torch_dtype=args.torch_dtype, max_steps=args.max_steps,
+                       **DEMO_RECIPE)
+    print(f"\n== fine-tuning (LoRA r{DEMO_RECIPE['lora_rank']}, built-in self-cognition data)", flush=True)
+    trainer = run_sft(sft_args, lm=lm)
+    set_active_adapter(lm.model, "default")
+    lm.model.eval()
+    show("after fine-tuning", ask(lm, SYSTEM))
+    set_active_adapter(lm.model, None)
+    base_terms = base_identity_terms(lm.template.default_system)
+    report = run_report(Models(lm, "default"), name_terms(name, author), base_terms, SYSTEM,
+                        trainer.run_dir / "eval")
+    run = trainer.run_dir
+    print(f"\nadapter:  {trainer.last_checkpoint}\nlogs:     {run / 'logging.jsonl'} (TensorBoard: {run / 'runs'})"
+          f"\nplots:    {run / 'loss.png'}  {run / 'eval' / 'eval.png'}"
+          f"\nchat:     tunesmith infer --adapters {trainer.last_checkpoint} --temperature 0")
+    print(f"demo time: training {trainer.seconds:.0f} s", file=sys.stderr)
+    return 0 if report else 1

@@ -1,0 +1,55 @@
+"""`--dataset general-distill#N`: general instruction data made offline by the *base* model itself.
+
+The tutorial's "mixed data" step mixes hub datasets (alpaca-gpt4) into the identity data so the model keeps
+its general behaviour. Without a hub, the next best anchor is the base model's own answers to a built-in pool
+of general instructions: training on them pulls the tuned model towards the base everywhere but identity.
+Rows are cached in the run folder (general_distill.jsonl), so a resumed run trains on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tunesmith.data.sources import sample_rows
+from tunesmith.errors import UserError
+from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.model.load import LoadedModel
+
+ANSWER_TOKENS = 128
+BATCH = 16
+
+
+def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system: str | None) -> list[list[dict]]:
+    from tunesmith.data.self_cognition import general_distill_instructions
+
+    pool = general_distill_instructions()
+    _, _, count = spec.partition("#")
+    if count and not count.isdigit():
+        raise UserError(f"--dataset {spec}: the part after '#' must be a number of rows, e.g. general-distill#200.")
+    n = int(count) if count else len(pool)
+    cache = run_dir / "general_distill.jsonl"
+    if cache.is_file():
+        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(rows) == n:
+            return [_conv(r) for r in rows]
+    instructions = sample_rows(pool, n, random.Random(seed))  # ms-swift's #N semantics
+    unique = sorted(set(instructions))
+    gen = Generator(lm)
+    cfg = SamplingConfig(max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+    answers = {}
+    for i in range(0, len(unique), BATCH):
+        part = unique[i : i + BATCH]
+        ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in part]
+        for q, c in zip(part, gen.complete_batch(ids, cfg)):
+            answers[q] = c.text.strip()
+    rows = [{"query": q, "response": answers[q]} for q in instructions if answers[q]]
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(cache)
+    return [_conv(r) for r in rows]
+
+
+def _conv(r: dict) -> list[dict]:
+    return [{"role": "user", "content": r["query"]}, {"role": "assistant", "content": r["response"]}]
