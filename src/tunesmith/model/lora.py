@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import UserError
@@ -73,9 +74,11 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None:
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x).to(A.weight.dtype)
-        return y + (B(A(h)) * self.scaling[name]).to(y.dtype)
+        # Master A/B stay fp32; the product runs in the activation dtype (bf16 on GPU), as mixed precision does:
+        # an fp32 copy of a (tokens x hidden) activation per projection would cost more than the LoRA math.
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        h = self.lora_dropout[name](x)
+        return y + F.linear(F.linear(h, A.to(h.dtype)), B.to(h.dtype)) * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32: (out, in)."""
