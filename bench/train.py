@@ -79,7 +79,9 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     out = []
     for case in cases:
         B, T = (1, 2048) if case.startswith("1x2048") else (4, 2048)
-        ckpt = case.endswith("+ckpt")
+        ckpt = "+ckpt" in case
+        if "+compile" in case:
+            model.compile_layers()  # stays compiled for later cases: list compiled cases last
         ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
         pos, seq = None, None
         labels = torch.roll(ids, -1, 1)
@@ -138,7 +140,7 @@ def bench_hf(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     out = []
     for case in cases:
-        ckpt = case.endswith("+ckpt")
+        ckpt = "+ckpt" in case
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

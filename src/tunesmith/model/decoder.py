@@ -124,9 +124,11 @@ def _rope_scaling(cfg: dict) -> dict | None:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """(head_dim/2,) inverse frequencies, with llama3 / linear scaling applied."""
+    """(head_dim/2,) inverse frequencies on the CPU, with llama3 / linear scaling applied."""
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    # device="cpu" even inside `with torch.device("meta")` (load.py): meta arange runs torch's Python
+    # reference implementation, whose first call imports dynamo and sympy (1.2 s).
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device="cpu") / hd))
     rs = cfg.rope_scaling
     if rs is None:
         return inv.float()
@@ -242,12 +244,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device, where load.py builds the model before
+    assigning the checkpoint: torch's meta `normal_` is written in Python, and its first call imports sympy and
+    dynamo (1.4 s of an otherwise 1 s GGUF load)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Backbone(nn.Module):
     """Holds the HF `model.` prefix: embed_tokens, layers, norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -277,7 +289,7 @@ class Decoder(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -316,6 +328,12 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
+
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer (fuses RMSNorm, RoPE, SwiGLU and the LoRA adds into few kernels).
+        Layers share one code object, so one compilation serves all of them."""
+        for layer in self.model.layers:
+            layer.compile()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight)

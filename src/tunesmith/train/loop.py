@@ -109,7 +109,9 @@ class Trainer:
             self.total_steps = max(1, math.ceil(self.steps_per_epoch * args.num_train_epochs))
         self.warmup = math.ceil(args.warmup_ratio * self.total_steps)
         self.checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None \
-            else device.type == "cuda"
+            else auto_checkpointing(self.model, device)
+        if device.type == "cuda":
+            self.model.compile_layers()  # bench/train.py: 13.3k -> 16.5k tok/s at 4x2048 on the H200
         self.lora_cfg = LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.target_modules))
         self.lora_names: list[str] = []
         if args.train_type == "lora":
@@ -277,6 +279,16 @@ class Trainer:
                 self.log.plot()
         self.log.close()
         return last_ckpt
+
+
+def auto_checkpointing(model, device: torch.device) -> bool:
+    """Recompute activations when the GPU could not hold them: a 4x2048 LoRA step without checkpointing peaks
+    at ~3.3x the weight bytes (Qwen2.5-7B: 50.5 GiB for 15.2 GB of weights, bench/train.py), with it ~1.2x."""
+    if device.type != "cuda":
+        return False
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return free < 4 * weights
 
 
 def peak_memory_gib(device: torch.device) -> float:
