@@ -3,7 +3,8 @@ chat template and generation defaults.
 
 HF folders: the decoder is built on the meta device (no memory), then each safetensors tensor is read through
 mmap straight onto the target device/dtype and assigned, so RAM never holds a second full copy.
-GGUF files: tensors are dequantized one at a time with the `gguf` package; names go through GGUF_TO_HF.
+GGUF files: metadata and tensors come from gguf_file.GGUFFile (tensors dequantized one at a time); names go
+through GGUF_TO_HF.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import Decoder, ModelConfig, rope_inv_freq
+from tunesmith.model.gguf_file import GGUFFile
 from tunesmith.text.template import ChatTemplate
 from tunesmith.text.tokenizer import Tokenizer, read_json
 
@@ -103,7 +104,7 @@ def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device:
     path = resolve_model_path(name)
     dtype = parse_dtype(dtype)
     device = torch.device(device)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return _load_gguf(path, dtype or torch.float32, device)
     if path.is_dir():
         return _load_hf_dir(path, dtype, device)
@@ -122,7 +123,10 @@ def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
         dtype = saved if device.type == "cuda" else torch.float32
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({path / f for f in read_json(index)["weight_map"].values()})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' object; re-download or re-save the model.")
+        files = sorted({path / f for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -155,7 +159,8 @@ def _assign_state(cfg: ModelConfig, state: dict, device, source: str) -> Decoder
         model = Decoder(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    expected = set(model.state_dict().keys())
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    expected = set(shapes)
     missing = sorted(expected - state.keys())
     if missing:
         raise UserError(f"{source}: the weights lack {len(missing)} tensors the config needs (first: {missing[0]}); "
@@ -164,7 +169,7 @@ def _assign_state(cfg: ModelConfig, state: dict, device, source: str) -> Decoder
     if unknown:
         raise UserError(f"{source}: the weights hold tensors this architecture does not have (first: {unknown[0]}).")
     for k in expected:
-        want = model.state_dict()[k].shape
+        want = shapes[k]
         if state[k].shape != want:
             raise UserError(f"{source}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(want)}.")
     model.load_state_dict({k: state[k] for k in expected}, assign=True)
@@ -185,39 +190,22 @@ def _finish(model, tokenizer, template, path, gen: dict) -> LoadedModel:
     return LoadedModel(model, tokenizer, template, path, eos_ids, defaults)
 
 
-def read_gguf(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).")
-
-
-def gguf_metadata(reader) -> dict:
-    meta = {}
-    for k, f in reader.fields.items():
-        try:
-            meta[k] = f.contents()
-        except Exception:
-            continue
-    return meta
-
-
 def _load_gguf(path: Path, dtype, device) -> LoadedModel:
-    from gguf import quants
-
-    reader = read_gguf(path)
-    meta = gguf_metadata(reader)
+    gf = GGUFFile(path)
+    meta, tensors = gf.metadata, gf.tensors
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UserError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(GGUF_ARCHITECTURES)}).")
-    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: the GGUF file has no token_embd.weight tensor; it is not a complete model.")
     a = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
+    lacking = [k for k in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count") if a(k) is None]
+    if lacking:
+        raise UserError(f"{path}: the GGUF metadata lacks '{arch}.{lacking[0]}'; the file is incomplete.")
     heads, kv_heads, hidden = a("attention.head_count"), a("attention.head_count_kv"), a("embedding_length")
     raw = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
-        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "vocab_size": tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
         "intermediate_size": a("feed_forward_length"),
         "num_hidden_layers": a("block_count"),
@@ -232,21 +220,16 @@ def _load_gguf(path: Path, dtype, device) -> LoadedModel:
     }
     cfg = ModelConfig.from_hf(raw, str(path))
     state = {}
-    for name, t in tensors.items():
+    for name in tensors:
         hf = gguf_to_hf_name(name)
         if hf is None:
             raise UserError(f"{path}: tensor '{name}' has no HF equivalent; this GGUF layout is not supported.")
-        try:
-            w = quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise UserError(f"{path}: tensor '{name}' uses quantization {t.tensor_type.name}, which tunesmith cannot "
-                            f"dequantize; use an F16/BF16/Q8_0/Q4_K/Q5_K/Q6_K file.")
-        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        w = gf.read(name)  # float32, torch order (rows, cols)
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             # llama.cpp's converter interleaves the rotary halves of q/k rows for llama; undo it.
             n = heads if "attn_q" in name else (kv_heads or heads)
-            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-        state[hf] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
+            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        state[hf] = w.to(device=device, dtype=dtype)
     model = _assign_state(cfg, state, device, str(path))
     tokenizer = Tokenizer.from_gguf(meta)
     template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer)

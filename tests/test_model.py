@@ -1,0 +1,331 @@
+"""The decoder and the loaders against transformers, the reference implementation.
+
+- Logit parity (fp32, CPU): tiny random Qwen2 (q/k/v bias, tied and untied), Llama (GQA, llama3 rope scaling),
+  Qwen3 (q/k norm, head_dim != hidden/heads) and Mistral checkpoints written by `save_pretrained`, unsharded and
+  sharded, loaded through tunesmith's `load_model`.
+- Packed rows equal separate samples; KV-cache prefill + chunked/single-token decode equals one full forward.
+- The bundled SmolLM2 GGUF: our reader equals the `gguf` package's, our logits equal transformers' GGUF loading of
+  the same file, and the model answers a question.
+- Bad inputs are one UserError naming the path, and the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from tunesmith.errors import UserError
+from tunesmith.model.decoder import KVCache
+from tunesmith.model.gguf_file import GGUFFile
+from tunesmith.model.load import load_model, resolve_model_path
+
+VOCAB = 320
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+# name -> (transformers config class, its extra fields)
+CONFIGS = {
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen2-tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3-gqa": (transformers.LlamaConfig, dict(
+        num_key_value_heads=1, max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=None,
+                                                 tie_word_embeddings=False)),
+}
+PARITY_ATOL = 1e-4  # fp32 on CPU; measured max |diff| is ~1e-6 (same math, different op order)
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A 256-byte byte-level BPE with ChatML specials: load_model needs tokenizer.json; parity needs only ids."""
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(byte_chars))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """HF init leaves biases at 0 and norms at 1, which would hide a missing bias or norm: perturb everything."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * noise)
+            else:
+                p.copy_(0.2 * noise if p.ndim == 1 else 0.08 * noise)
+
+
+def make_tiny(name: str, root: Path):
+    """(transformers model, {"unsharded": folder, "sharded": folder}) of one CONFIGS entry, random weights."""
+    cls, extra = CONFIGS[name]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**TINY, **extra), dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    randomize(hf, seed=list(CONFIGS).index(name))
+    folders = {}
+    for kind, shard in (("unsharded", "50MB"), ("sharded", "40KB")):
+        folders[kind] = root / name / kind
+        hf.save_pretrained(folders[kind], max_shard_size=shard)
+        write_tiny_tokenizer(folders[kind])
+    assert (folders["sharded"] / "model.safetensors.index.json").is_file()
+    assert len(list(folders["sharded"].glob("*.safetensors"))) > 2
+    return hf, folders
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def tiny(request, tmp_path_factory):
+    return (request.param, *make_tiny(request.param, tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    return make_tiny("llama3-gqa", tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory) -> Path:
+    """A sharded tiny Qwen2 folder, the starting point of the damaged-folder tests."""
+    return make_tiny("qwen2", tmp_path_factory.mktemp("qwen2"))[1]["sharded"]
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["unsharded", "sharded"])
+def test_logits_match_transformers(tiny, kind):
+    name, hf, folders = tiny
+    lm = load_model(folders[kind])
+    assert lm.model.config.tie_embeddings == hf.config.tie_word_embeddings
+    ids = _ids(2, 23)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = lm.model.logits(lm.model(ids))
+    assert got.shape == want.shape == (2, 23, VOCAB)
+    assert (got - want).abs().max().item() <= PARITY_ATOL, name
+
+
+def test_llama31_style_config_json(llama3, tmp_path):
+    """Hub Llama 3.1 folders (saved by transformers 4.x) spell the rope settings `rope_theta` + `rope_scaling`."""
+    hf, folders = llama3
+    folder = tmp_path / "llama31"
+    shutil.copytree(folders["unsharded"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    (folder / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(folder)
+    assert lm.model.config.rope_scaling["rope_type"] == "llama3"
+    ids = _ids(1, 40, seed=1)
+    with torch.no_grad():
+        assert (lm.model.logits(lm.model(ids)) - hf(ids).logits).abs().max().item() <= PARITY_ATOL
+
+
+def test_packed_rows_equal_separate_samples(tiny):
+    _, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    lengths = [[5, 9, 3], [7, 10]]  # two rows of 17 tokens, different boundaries
+    ids = _ids(2, 17, seed=2)
+    seq_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths])
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, seq_ids=seq_ids)
+        for r, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = model(ids[r : r + 1, start : start + n])[0]
+                torch.testing.assert_close(packed[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
+                start += n
+
+
+def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
+    _, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    ids = _ids(2, 16, seed=3)
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, batch=2, max_len=24, device="cpu", dtype=torch.float32)
+        # prefill 6, a 4-token chunk (queries attend to the cache and causally among themselves), then 1 by 1
+        pieces = [model(ids[:, :6], cache=cache), model(ids[:, 6:10], cache=cache)]
+        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(10, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------
+
+
+def test_gguf_reader_matches_gguf_package(tmp_path):
+    """Every metadata value type and every tensor type we dequantize ourselves (plus Q5_0, which goes through
+    gguf.quants) reads exactly as gguf.GGUFReader + gguf.quants.dequantize read it."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    path = tmp_path / "all_types.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -100)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5)
+    w.add_int64("t.i64", -(2**62))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo <|im_end|> 你好")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.25])
+    w.add_array("t.strs", ["a", "", "Ġthe", "你"])
+    rng = np.random.default_rng(0)
+    types = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+             "q5_0": Q.Q5_0}
+    for name, qtype in types.items():
+        x = rng.normal(size=(3, 96)).astype(np.float32)
+        w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+    w.add_tensor("vector", rng.normal(size=7).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours, ref = GGUFFile(path), gguf.GGUFReader(str(path))
+    want_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == want_meta
+    assert [t.name for t in ref.tensors] == list(ours.tensors)
+    for t in ref.tensors:
+        want = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        want = want.reshape([int(d) for d in reversed(t.shape)])
+        got = ours.read(t.name)
+        assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=t.name)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+    """transformers' own GGUF loading of the bundled file (dequantized to fp32 with the gguf package)."""
+    path = resolve_model_path("smollm2-135m-instruct")
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+# Both sides dequantize the same Q4_1/Q8_0 blocks to the same fp32 weights, so only fp32 op order differs:
+# the measured max |diff| over these ~40 positions x 49k logits is ~2e-5 on logits of magnitude ~20.
+GGUF_ATOL = 1e-3
+
+
+def test_smollm_logits_match_transformers_gguf(smollm, hf_smollm):
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = torch.tensor([smollm.template.prompt_ids(messages)])
+    with torch.no_grad():
+        want = hf_smollm(ids).logits
+        got = smollm.model.logits(smollm.model(ids))
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= GGUF_ATOL
+    assert torch.equal(got[0, -1].argmax(), want[0, -1].argmax())
+
+
+def test_smollm_answers_capital_of_france(smollm):
+    from tunesmith.generate import Generator, SamplingConfig
+
+    prompt = smollm.template.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    out = Generator(smollm).complete(prompt, SamplingConfig(max_new_tokens=20, temperature=0.0))
+    assert "Paris" in out.text
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+
+def _user_error(path: Path) -> str:
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    assert str(path) in str(e.value)
+    return str(e.value)
+
+
+def test_missing_folder(tmp_path):
+    assert "not found" in _user_error(tmp_path / "no-such-model")
+
+
+def test_folder_without_weights(qwen2_folder, tmp_path):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen2_folder / f, folder / f)
+    assert "safetensors" in _user_error(folder)
+
+
+def test_unsupported_architecture(qwen2_folder, tmp_path):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(qwen2_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "GPT2LMHeadModel" in _user_error(folder)
+
+
+def test_truncated_safetensors_shard(qwen2_folder, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(qwen2_folder, folder)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError) as e:
+        load_model(folder)
+    assert str(shard) in str(e.value) and "truncated" in str(e.value)
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_of_unknown_architecture(tmp_path):
+    assert "'bloom'" in _user_error(_write_gguf(tmp_path / "bloom.gguf", "bloom"))
+
+
+def test_damaged_gguf_files(tmp_path):
+    good = _write_gguf(tmp_path / "good.gguf", "llama")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    not_gguf = tmp_path / "text.gguf"
+    not_gguf.write_text("this is not a model\n" * 10)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:-40])  # tensor data cut short
+    header_cut = tmp_path / "header_cut.gguf"
+    header_cut.write_bytes(good.read_bytes()[:30])
+    for p in (empty, not_gguf, cut, header_cut):
+        _user_error(p)
+    assert "truncated" in _user_error(cut)
+
+
+def test_cli_prints_load_errors_without_traceback(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "infer", "--model", str(missing), "--query", "hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert str(missing) in r.stderr and r.stderr.startswith("error: ")
