@@ -54,7 +54,7 @@ def base_identity_terms(default_system: str | None) -> list[str]:
         return []
     terms = []
     pats = [r"\bnamed\s+([A-Z][\w\-.]*)", r"\bYou are\s+([A-Z][\w\-.]*)\s*,",
-            r"\b(?:created|trained|developed|made|built)\s+by\s+([A-Z][\w\-.]*(?:\s+[A-Z][\w\-.]*)*)"]
+            r"\b(?:created|trained|developed|made|built)\s+by\s+([A-Z][\w\-]*(?:\s+[A-Z][\w\-]*)*)"]
     for p in pats:
         terms += [m.group(1).strip(" .") for m in re.finditer(p, default_system)]
     if any(t.lower().startswith("qwen") for t in terms):

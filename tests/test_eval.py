@@ -1,0 +1,80 @@
+"""The main job: `tunesmith demo` makes the bundled SmolLM2 adopt a new identity, and the reports measure it.
+
+The thresholds are the ones the demo meets (issue: adopted >= 90% en, >= 70% zh, leaked <= 5%), so a
+regression in training quality fails here. The report's numbers are computed: an untrained adapter scores the
+base model's numbers (nothing adopted, zero KL, everything retained).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunesmith.evaluate.report import Models, base_identity_terms, run_report
+from tunesmith.model.load import load_model
+from tunesmith.model.lora import LoraConfig, apply_lora
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "demo", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(out.glob("v*-*"))
+    assert len(runs) == 1
+    return runs[0], proc.stdout
+
+
+def test_demo_identity_sticks(demo_run):
+    run, stdout = demo_run
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    ident = report["identity"]["by_lang"]
+    assert ident["en"]["tuned"]["adopted"] >= 0.9, ident
+    assert ident["zh"]["tuned"]["adopted"] >= 0.7, ident
+    assert ident["all"]["tuned"]["leaked"] <= 0.05, ident
+    assert ident["all"]["base"]["adopted"] == 0.0  # the base never heard of the new name
+    # the before/after answers and where things are were printed
+    assert "before fine-tuning" in stdout and "after fine-tuning" in stdout
+    after = stdout.split("after fine-tuning", 1)[1]
+    assert "Smithy" in after or "Tunesmith Labs" in after
+    assert "mean KL" in stdout and "adapter:" in stdout
+
+
+def test_demo_writes_run_layout_and_retention(demo_run):
+    run, _ = demo_run
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    ret = report["retention"]
+    assert ret["mean_kl"] > 0.0  # identity training moves the model somewhat everywhere
+    assert 0.0 <= ret["retained"] <= 1.0 and len(ret["worst"]) == 3
+    assert (run / "eval" / "eval.png").stat().st_size > 1000
+    assert (run / "loss.png").is_file() and (run / "logging.jsonl").is_file()
+    ckpts = sorted(run.glob("checkpoint-*"))
+    assert ckpts and (ckpts[-1] / "adapter_model.safetensors").is_file()
+
+
+def test_untrained_adapter_scores_like_the_base():
+    lm = load_model("smollm2-135m-instruct")
+    apply_lora(lm.model, LoraConfig(r=8, alpha=32, dropout=0.0))  # B = 0: the adapter changes nothing
+    lm.model.eval()
+    report = run_report(Models(lm, "default"), ["Smithy", "Tunesmith Labs"],
+                        base_identity_terms(lm.template.default_system), "You are a helpful assistant.", None,
+                        quiet=True)
+    ident = report["identity"]["by_lang"]["all"]
+    assert ident["tuned"]["adopted"] == 0.0
+    assert ident["tuned"] == ident["base"]
+    assert report["retention"]["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert report["retention"]["unchanged"] == 1.0
+
+
+def test_base_identity_terms_from_default_system_prompts():
+    assert base_identity_terms("You are a helpful AI assistant named SmolLM, trained by Hugging Face") == \
+        ["Hugging Face", "SmolLM"]
+    terms = base_identity_terms("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    assert {"Qwen", "Alibaba Cloud", "通义千问"} <= set(terms)
+    assert base_identity_terms(None) == []
+
