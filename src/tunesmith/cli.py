@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     cls, _, target = COMMANDS[ns.command]
     debug = bool(getattr(ns, "debug", False)) or os.environ.get("TUNESMITH_DEBUG") == "1"
     try:
+        if ns.command == "sft":
+            from tunesmith.train.distributed import relaunch_under_torchrun
+
+            relaunch_under_torchrun(argv)  # NPROC_PER_NODE=N (ms-swift's convention): exec torchrun, N copies
         args = A.build(cls, ns)
         module, func = target.split(":")
         run = getattr(__import__(module, fromlist=[func]), func)

@@ -25,6 +25,8 @@ from tunesmith.errors import UserError
 from tunesmith.model.load import LoadedModel, load_model
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
 from tunesmith.train import checkpoint as ckpt_io
+from tunesmith.train import distributed
+from tunesmith.train.distributed import DataParallel, SilentLog
 from tunesmith.train.logs import RunLog
 from tunesmith.train.loss import chunked_cross_entropy_sum
 
@@ -101,7 +103,8 @@ class Trainer:
         self.args, self.lm, self.run_dir, self.device = args, lm, run_dir, device
         self.model = lm.model
         self.train_samples, self.val_samples = train, val
-        self.group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.dp = DataParallel(device)  # rank 0 of 1 in one process (train/distributed.py)
+        self.group = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dp.world
         self.steps_per_epoch = math.ceil(len(train) / self.group)
         if args.max_steps and args.max_steps > 0:
             self.total_steps = args.max_steps
@@ -119,10 +122,11 @@ class Trainer:
             self.lora_names = apply_lora(self.model, self.lora_cfg)
         else:
             self.model.requires_grad_(True)
+        self.parallel_model = self.dp.wrap(self.model, full=args.train_type == "full")  # before the optimizer
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.learning_rate,
                                            betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
-        self.log = RunLog(run_dir, self.total_steps, quiet=quiet)
+        self.log = RunLog(run_dir, self.total_steps, quiet=quiet) if self.dp.is_main else SilentLog()
         self.best: tuple[float, Path] | None = None
         self.losses: list[float] = []
 
@@ -140,17 +144,17 @@ class Trainer:
         total, n_tokens = None, 0
         for row in rows:
             row = row.to(self.device)
-            h = self.model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
-                           checkpoint=self.checkpointing)
+            h = self.parallel_model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
+                                    checkpoint=self.checkpointing)
             s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels)
             total = s if total is None else total + s
             n_tokens += row.input_ids.numel()
         return total, n_tokens
 
     def train_step(self) -> dict:
-        args = self.args
-        samples = self.step_samples(self.step)
-        n_sup = sum(s.n_supervised for s in samples)
+        args, dp = self.args, self.dp
+        samples = self.step_samples(self.step)[dp.rank :: dp.world]  # this rank's share of the step
+        n_sup = dp.sum(sum(s.n_supervised for s in samples))  # the whole step's, over all ranks
         lr = args.learning_rate * lr_at(self.step, self.total_steps, self.warmup, args.lr_scheduler_type)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -159,15 +163,19 @@ class Trainer:
         loss_total, n_tokens = 0.0, 0
         # Micro-batches of per_device_train_batch_size samples, packed into rows; each backward is scaled by the
         # step's supervised-token count so the accumulated gradient is that of the mean over the whole step.
+        # With N ranks: x N, because DDP/FSDP average gradients over ranks; all ranks run as many passes.
         bs = args.per_device_train_batch_size
         micro = [samples[i : i + bs] for i in range(0, len(samples), bs)] if not args.packing else [samples]
-        for chunk in micro:
-            rows = pack_samples(chunk, max(args.max_length, max(len(s.input_ids) for s in chunk)), args.packing)
-            for row in rows:
+        rows = [row for chunk in micro if chunk
+                for row in pack_samples(chunk, max(args.max_length, max(len(s.input_ids) for s in chunk)), args.packing)]
+        for row, real, last in dp.lockstep(rows):
+            with dp.grad_sync(last):
                 s, n = self.loss_sum([row])
-                (s / n_sup).backward()
+                (s * (dp.world if real else 0) / n_sup).backward()
+            if real:
                 loss_total += s.item()
                 n_tokens += n
+        loss_total, n_tokens = dp.sum(loss_total), dp.sum(n_tokens)
         params = trainable_parameters(self.model)
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
@@ -203,27 +211,43 @@ class Trainer:
         return d
 
     def save(self, eval_loss: float | None) -> Path:
+        dp = self.dp
+        # Every rank first: FSDP writes its optimizer shards and gathers the weights to rank 0; RNG states of all
+        # ranks. Then rank 0 alone writes the checkpoint folder.
+        shards = dp.save_sharded_optimizer(self.model, self.optimizer,
+                                           self.run_dir / f".checkpoint-{self.step}.optimizer.tmp")
+        lm = dp.unsharded(self.lm)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rank_rng = dp.gather(rng)
+
         def write(tmp: Path):
             if self.args.train_type == "lora":
                 save_adapter(self.model, tmp, self.lora_cfg, str(self.lm.path))
             else:
                 from tunesmith.export.hf import save_hf_folder
 
-                save_hf_folder(self.lm, tmp, system=self.args.system)
+                save_hf_folder(lm, tmp, system=self.args.system)
+            if shards is not None:
+                os.replace(shards, tmp / distributed.OPTIMIZER_DIR)
             ckpt_io.write_json(tmp / ckpt_io.ARGS_FILE, self.checkpoint_args())
             ckpt_io.save_trainer_state(tmp, {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "optimizer": self.optimizer.state_dict() if shards is None else None,
+                "rng": rng,
+                "rank_rng": rank_rng,
                 "log": self.log.records,
                 "best": None if self.best is None else [self.best[0], self.best[1].name],
             })
 
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, write, self.args.save_total_limit, None)
+        path = self.run_dir / f"checkpoint-{self.step}"
+        if dp.is_main:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, write, self.args.save_total_limit, None)
         if eval_loss is not None and (self.best is None or eval_loss < self.best[0]):
             self.best = (eval_loss, path)
-        ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, self.best[1] if self.best else None)
+        if dp.is_main:
+            ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, self.best[1] if self.best else None)
+        dp.barrier()
         return path
 
     def resume(self, ckpt: Path) -> None:
@@ -236,15 +260,16 @@ class Trainer:
                 m.lora_A["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_A.weight"])
                 m.lora_B["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_B.weight"])
         else:
-            resumed = load_model(ckpt, self.args.torch_dtype, self.device).model
-            self.model.load_state_dict(resumed.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.dp.load_model_state(
+                self.model, lambda: load_model(ckpt, self.args.torch_dtype, self.device).model.state_dict())
+        self.dp.load_optimizer(self.model, self.optimizer, ckpt, state["optimizer"])
         self.step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = self.dp.own(state.get("rank_rng"), state["rng"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.log.records = list(state.get("log", []))
         if state.get("best"):
             self.best = (state["best"][0], self.run_dir / state["best"][1])
@@ -303,7 +328,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def sft(args: SftArgs) -> int:
-    run_sft(args)
+    try:
+        run_sft(args)
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -311,7 +339,7 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy)."""
     args = resolve_defaults(args)
     seed_everything(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
@@ -324,26 +352,33 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         from tunesmith.infer import override_template
 
         override_template(lm, args.template)
-    run_dir = resume.parent if resume is not None else ckpt_io.new_run_dir(args.output_dir, args.add_version)
+    run_dir = resume.parent if resume is not None else distributed.on_main(
+        lambda: ckpt_io.new_run_dir(args.output_dir, args.add_version))
     if distill:
         from tunesmith.evaluate.distill import general_distill
 
         for spec in distill:
-            train_convs += general_distill(lm, spec, run_dir, args.data_seed, args.system)
+            train_convs += distributed.on_main(lambda: general_distill(lm, spec, run_dir, args.data_seed, args.system))
     train, dropped = encode_dataset(train_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
     val, dropped_val = encode_dataset(val_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
     if not train:
         raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
                         f"{args.max_length} or have no assistant answer.")
     trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
-    ckpt_io.write_json(run_dir / ckpt_io.ARGS_FILE, trainer.checkpoint_args())
+    main = trainer.dp.is_main  # rank 0 alone writes and talks
+    if main:
+        ckpt_io.write_json(run_dir / ckpt_io.ARGS_FILE, trainer.checkpoint_args())
     n_params = sum(p.numel() for p in trainable_parameters(lm.model))
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr))
     say(f"run: {run_dir}")
     say(f"data: {len(train)} training samples, {len(val)} eval samples"
         + (f"; {dropped + dropped_val} dropped (over --max_length {args.max_length} or no answer)" if dropped + dropped_val else ""))
     say(f"model: {lm.path} on {device} ({next(lm.model.parameters()).dtype}); trainable parameters {n_params:,} "
         f"({args.train_type}); {trainer.total_steps} steps of {trainer.group} samples, lr {args.learning_rate}")
+    if trainer.dp.world > 1:
+        say(f"data parallel: {trainer.dp.world} processes ({trainer.dp.engine}); global batch {trainer.group} = "
+            f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+            f"{trainer.dp.world} processes")
     if resume is not None:
         trainer.resume(resume)
         say(f"resumed at step {trainer.step} from {resume}")
@@ -354,7 +389,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
                "peak_memory_gib": round(peak_memory_gib(device), 3), "last_checkpoint": str(last),
                "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
                "final_loss": trainer.losses[-1] if trainer.losses else None}
-    ckpt_io.write_json(run_dir / "summary.json", summary)
+    if main:
+        ckpt_io.write_json(run_dir / "summary.json", summary)
     say(f"done: {summary['steps']} steps in {summary['seconds']} s, peak memory {summary['peak_memory_gib']} GiB")
     say(f"checkpoint: {last}")
     flag = "--adapters" if args.train_type == "lora" else "--model"
@@ -363,7 +399,7 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         from tunesmith.export.vllm_check import vllm_report
 
         say(vllm_report(last))
-    if args.eval_identity and args.train_type == "lora":
+    if args.eval_identity and args.train_type == "lora" and main:
         from tunesmith.evaluate.report import report_for_checkpoint
 
         report_for_checkpoint(last, run_dir / "eval", lm)
