@@ -152,7 +152,8 @@ class Generator:
         gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
         eos = torch.tensor(sorted(self.lm.eos_token_ids) or [-1], device=device)
         seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True)
+        for b, p in enumerate(prompts):  # real tokens only: the pad id must not be penalized in padded rows
+            seen[b, torch.tensor(p, device=device)] = True
         out = [[] for _ in range(B)]
         finish = ["length"] * B
         alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -169,6 +170,11 @@ class Generator:
             alive &= ~is_eos
             for b in torch.nonzero(alive).flatten().tolist():
                 out[b].append(int(toks[b]))
+                if cfg.stop:  # a row stops at its stop string, as stream() does, not at the longest row's end
+                    text = self.tokenizer.decode(out[b])
+                    if not text.endswith("\ufffd") and _find_stop(text, cfg.stop, 0) is not None:
+                        finish[b] = "stop"
+                        alive[b] = False
             if not bool(alive.any()) or step == max_new - 1:
                 break
             seen[torch.arange(B, device=device), toks] = True

@@ -119,7 +119,7 @@ def answer(session: Session, messages: list[dict], cfg: SamplingConfig, stream: 
     out = out or sys.stdout
     gen = session.generator
     ids = gen.chat_prompt(messages, session.system)
-    text = ""
+    text, stopped = "", False
     try:
         for d in gen.stream(ids, cfg):
             text += d.text
@@ -127,10 +127,10 @@ def answer(session: Session, messages: list[dict], cfg: SamplingConfig, stream: 
                 out.write(d.text)
                 out.flush()
     except KeyboardInterrupt:
-        out.write(" [stopped]")
+        stopped = True
     if not stream:
         out.write(text)
-    out.write("\n")
+    out.write(" [stopped]\n" if stopped else "\n")
     out.flush()
     return text
 
@@ -164,8 +164,16 @@ def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
             print("history cleared")
             continue
         if cmd == "reset-system":
-            session.system = input("new system prompt: ")
+            try:
+                session.system = input("new system prompt: ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
             history = []
+            print("system prompt set; history cleared")
             continue
         if cmd in ("multi-line", "single-line"):
             multi = cmd == "multi-line"
@@ -177,16 +185,28 @@ def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
         while len(gen.chat_prompt(history, session.system)) + min(cfg.max_new_tokens, 256) > context and len(history) > 1:
             history = history[2:]  # drop the oldest user/assistant pair
             print("[the oldest turn was dropped to fit the context]")
-        reply = answer(session, history, cfg, args.stream)
+        try:
+            reply = answer(session, history, cfg, args.stream)
+        except UserError as e:  # e.g. one message longer than the context: say so, keep chatting
+            print(f"error: {e}")
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
+COMMANDS = ("clear", "reset-system", "multi-line", "single-line", "exit", "quit")
+
+
 def _read_query(multi: bool) -> str:
+    """One query; in multi-line mode lines are joined until one ends with '#' (ms-swift's rule), except that a
+    command alone on the first line acts at once, so 'single-line' or 'exit' need no '#'."""
     if not multi:
         return input("<<< ")
     lines = []
     while True:
         line = input("... " if lines else "<<< ")
+        if not lines and line.strip() in COMMANDS:
+            return line
         if line.endswith("#"):
             lines.append(line[:-1])
             return "\n".join(lines)
@@ -194,7 +214,10 @@ def _read_query(multi: bool) -> str:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """A prompts file: JSON list / JSONL of strings or {"prompt"|"query"|"instruction", "reference"?} rows, or text lines."""
+    """A prompts file: JSON list / JSONL of strings or {"prompt"|"query"|"instruction", "reference"?} rows, a CSV
+    with those columns, or text lines."""
+    import csv
+
     from tunesmith.text.tokenizer import read_json
 
     if not path.is_file():
@@ -209,6 +232,9 @@ def read_prompts(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}).")
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
     else:
         rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = []
@@ -227,12 +253,15 @@ def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:
-        from tunesmith.data.sources import load_datasets
+        from tunesmith.data.sources import load_dataset
 
         items = []
-        for conv in load_datasets(args.val_dataset, args.seed, None, None):
-            last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-            items.append({"messages": conv[:last], "reference": conv[last]["content"]})
+        for spec in args.val_dataset:  # in file order (not shuffled), so results line up with the dataset's rows
+            for conv in load_dataset(spec, args.seed):
+                last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=len(conv))
+                ref = conv[last]["content"] if last < len(conv) else None
+                if any(m["role"] == "user" for m in conv[:last]):
+                    items.append({"messages": conv[:last], "reference": ref})
     gen = session.generator
     if args.result_path:
         out_path = Path(args.result_path)

@@ -1,0 +1,305 @@
+"""`tunesmith infer` and the Generator under it, on the bundled SmolLM2-135M-Instruct (CPU, fp32).
+
+Greedy decoding is compared token for token with transformers' `generate` on the same GGUF (both loaders
+dequantize the same Q4_1/Q8_0 blocks; logits differ by ~2e-5, far below any top-2 gap in these answers).
+The CLI runs as users run it: interactive chat through stdin, `--query`, `--adapters` found from args.json,
+batch files. Subprocesses cost ~4 s each (imports + a 1.3 s model load), so there are few of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith import cli
+from tunesmith.args import InferArgs
+from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.infer import load_for_generation
+from tunesmith.model.load import load_model, resolve_model_path
+from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+
+SMOLLM = "smollm2-135m-instruct"
+SYSTEM = "You are a helpful assistant."
+# One OpenMP thread: with other jobs busy on this 2-core machine, two threads per op spin against each other and
+# one decode step took 1.9 s instead of 0.056 s (measured). Subprocesses get the same through OMP_NUM_THREADS.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy(n: int, **kw) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def tunesmith(*argv: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith", "infer", *argv], input=stdin, capture_output=True,
+                          text=True, timeout=300, env=ENV, cwd=cwd)
+
+
+# ---- greedy decoding equals transformers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+    import transformers
+
+    path = resolve_model_path(SMOLLM)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def test_greedy_equals_transformers_generate_with_and_without_cache_and_batched(smollm, hf_smollm):
+    gen = Generator(smollm)
+    poem = gen.chat_prompt(user("Write a short poem about the sea."))  # runs the full 64 tokens
+    france = gen.chat_prompt(user("What is the capital of France?"))  # ends at <|im_end|> after 7 tokens
+    ours = {}
+    for name, ids in (("poem", poem), ("france", france)):
+        c = gen.complete(ids, greedy(64))
+        with torch.no_grad():
+            hf = hf_smollm.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                    eos_token_id=smollm.eos_token_ids, pad_token_id=0)[0, len(ids):].tolist()
+        if c.finish_reason == "stop":
+            assert hf == c.token_ids + [hf[-1]] and hf[-1] in smollm.eos_token_ids, name
+        else:
+            assert c.finish_reason == "length" and c.completion_tokens == 64 and hf == c.token_ids, name
+        ours[name] = c
+    assert ours["poem"].finish_reason == "length" and ours["france"].finish_reason == "stop"
+    assert ours["france"].text == "The capital of France is Paris."
+
+    # Without the KV cache every step recomputes the whole sequence: same tokens (first 24, to stay fast).
+    assert gen.complete(poem, greedy(24), use_cache=False).token_ids == ours["poem"].token_ids[:24]
+
+    # Left-padded batch (prompts of different lengths) == each prompt alone.
+    short = gen.chat_prompt(user("Hi"))
+    batch = gen.complete_batch([poem, short, france], greedy(64))
+    assert batch[0].token_ids == ours["poem"].token_ids and batch[0].finish_reason == "length"
+    assert batch[2].token_ids == ours["france"].token_ids and batch[2].finish_reason == "stop"
+    assert batch[1].token_ids == gen.complete(short, greedy(64)).token_ids
+
+
+# ---- sampling, stops, lengths ---------------------------------------------------------------------------------
+
+
+def test_sampling_controls(smollm):
+    gen = Generator(smollm)
+    ids = gen.chat_prompt(user("Tell me a story about a cat."))
+    run = lambda **kw: gen.complete(ids, SamplingConfig(max_new_tokens=24, **kw))  # noqa: E731
+    base = run(temperature=0.0)
+    assert base.finish_reason == "length" and base.completion_tokens == 24 and len(base.token_ids) == 24
+
+    a, b, c = run(temperature=1.0, seed=1), run(temperature=1.0, seed=1), run(temperature=1.0, seed=2)
+    assert a.text == b.text and a.text != c.text
+    assert a.text != base.text
+    assert run(temperature=1.0, top_k=1, seed=3).token_ids == base.token_ids
+    assert run(temperature=1.0, top_p=0.01, seed=3).token_ids == base.token_ids
+    assert run(temperature=0.0, repetition_penalty=1.5).text != base.text
+
+    # Stop strings: the text ends before the stop string, streamed deltas never show it, finish is 'stop'.
+    cut = base.text.index(" cat")
+    stopped = run(temperature=0.0, stop=(" cat",))
+    assert stopped.text == base.text[:cut] and stopped.finish_reason == "stop"
+    deltas = list(gen.stream(ids, greedy(24, stop=(" cat",))))
+    assert "".join(d.text for d in deltas) == base.text[:cut] and deltas[-1].finish_reason == "stop"
+
+
+def test_batch_equals_single_with_stop_strings_and_repetition_penalty(smollm):
+    gen = Generator(smollm)
+    prompts = [gen.chat_prompt(user("Tell me a story about a cat.")), gen.chat_prompt(user("Hi"))]
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, repetition_penalty=1.3, stop=(" cat",))
+    for alone, together in zip([gen.complete(p, cfg) for p in prompts], gen.complete_batch(prompts, cfg)):
+        assert (together.text, together.finish_reason, together.token_ids) == \
+            (alone.text, alone.finish_reason, alone.token_ids)
+
+
+def test_chinese_streams_whole_characters(smollm):
+    gen = Generator(smollm)
+    ids = gen.chat_prompt(user("请用中文介绍一下北京。"), system="请用中文回答。")
+    deltas = list(gen.stream(ids, greedy(40)))
+    whole = gen.complete(ids, greedy(40))
+    assert "北京" in whole.text
+    # The answer really has characters split over several byte-level tokens (each decodes alone to U+FFFD) ...
+    assert sum("\ufffd" in smollm.tokenizer.decode([t]) for t in whole.token_ids) > 10
+    # ... yet no streamed piece holds half a character, and the pieces add up to the answer.
+    assert not any("\ufffd" in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == whole.text
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 40
+
+
+# ---- the CLI: one query, interactive chat ---------------------------------------------------------------------
+
+
+def test_query_answers_capital_of_france():
+    p = tunesmith("--model", SMOLLM, "--query", "What is the capital of France?", "--temperature", "0",
+                  "--max_new_tokens", "16")
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+
+
+def test_interactive_chat_commands():
+    lines = ["What is the capital of France?",
+             "multi-line", "What is the capital", "of Italy?#",
+             "single-line",
+             "clear",
+             "reset-system", "You are a pirate named Captain Jack.", "What is your name?",
+             "exit",
+             "clear"]  # after exit: must never run
+    p = tunesmith("--model", SMOLLM, "--temperature", "0", "--max_new_tokens", "16", "--stream", "true",
+                  stdin="\n".join(lines) + "\n")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    out = p.stdout
+    assert "Paris" in out
+    assert "Rome" in out.partition("multi-line input: end with")[2]  # the two lines ended by '#' were one question
+    assert out.count("history cleared") == 2  # 'clear', and 'reset-system' (nothing after 'exit')
+    assert "Captain" in out.partition("system prompt set")[2]  # the new system prompt took effect
+
+
+def test_chat_drops_oldest_turn_and_ends_at_eof():
+    # System + 2 turns is ~66 tokens, + a third question ~90: with 16 new tokens reserved, only the third
+    # question overflows --max_length 100.
+    questions = ["What is 2+2?", "What is the capital of France?", "What is the capital of Italy?"]
+    p = tunesmith("--model", SMOLLM, "--temperature", "0", "--max_new_tokens", "16", "--max_length", "100",
+                  "--stream", "false", stdin="\n".join(questions) + "\n")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.count("[the oldest turn was dropped") == 1
+    assert out.index("Paris") < out.index("[the oldest turn was dropped") < out.index("Rome")
+
+
+def test_ctrl_c_stops_the_answer_not_the_program():
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "infer", "--model", SMOLLM, "--temperature", "0",
+                             "--max_new_tokens", "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        proc.stdin.write("Write a long story about a dragon.\n")
+        proc.stdin.flush()
+        seen = ""
+        while seen.count("<<< ") < 1 or len(seen.rsplit("<<< ", 1)[1]) < 20:  # 20 characters of the answer
+            ch = proc.stdout.read(1)
+            assert ch, proc.stderr.read()
+            seen += ch
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends, mid-answer (400 tokens take seconds)
+        out, err = proc.communicate("What is the capital of France?\nexit\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "[stopped]" in out
+    assert "Paris" in out  # the chat went on after the stopped answer
+
+# ---- adapters -------------------------------------------------------------------------------------------------
+
+
+def _lora_checkpoint(lm, ckpt: Path, seed: int) -> None:
+    """A LoRA checkpoint as `tunesmith sft` writes one: PEFT files + args.json naming base and system."""
+    apply_lora(lm.model, LoraConfig(r=8, alpha=32, dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(lm.model):  # B starts at zero; random B makes the adapter change answers
+            w = m.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    ckpt.mkdir(parents=True)
+    save_adapter(lm.model, ckpt, LoraConfig(r=8, alpha=32, dropout=0.0), str(lm.path))
+    (ckpt / "args.json").write_text(json.dumps({"model": str(lm.path), "system": SYSTEM, "train_type": "lora",
+                                                "template": None, "lora_rank": 8, "lora_alpha": 32}))
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """(checkpoint folder, our own SmolLM2 copy with that adapter active)."""
+    lm = load_model(SMOLLM)
+    ckpt = tmp_path_factory.mktemp("run") / "v0-20250101-000000" / "checkpoint-10"
+    _lora_checkpoint(lm, ckpt, seed=0)
+    return ckpt, lm
+
+
+QUESTION = "Who are you?"
+
+
+def test_adapter_found_from_checkpoint_answers_like_generator(adapted, smollm):
+    ckpt, lm = adapted
+    want = Generator(lm).complete(Generator(lm).chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
+    base = Generator(smollm).complete(Generator(smollm).chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
+    assert want != base  # the adapter matters, so equality below means it was applied
+    p = tunesmith("--adapters", str(ckpt), "--query", QUESTION, "--temperature", "0", "--max_new_tokens", "16")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.rstrip("\n") == want
+
+
+def test_merge_lora_gives_identical_greedy_text(adapted, capsys):
+    ckpt, lm = adapted
+    want = Generator(lm).complete(Generator(lm).chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
+    session = load_for_generation(InferArgs(adapters=[str(ckpt)], merge_lora=True))
+    assert session.system == SYSTEM and not lora_modules(session.lm.model)
+    del session
+    assert cli.main(["infer", "--adapters", str(ckpt), "--merge_lora", "true", "--query", QUESTION,
+                     "--temperature", "0", "--max_new_tokens", "16"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == want
+
+
+def test_adapter_for_another_base_is_refused_in_one_sentence(qwen_tiny_dir, tmp_path):
+    ckpt = tmp_path / "qwen-ckpt"
+    _lora_checkpoint(load_model(qwen_tiny_dir), ckpt, seed=1)
+    p = tunesmith("--model", SMOLLM, "--adapters", str(ckpt), "--query", "hi", "--max_new_tokens", "4")
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "different base model" in err[0], p.stderr
+
+
+# ---- batch mode -----------------------------------------------------------------------------------------------
+
+
+def _result_file(stdout: str, folder: Path) -> Path:
+    """The one JSONL in folder, which must be the path the command printed."""
+    files = list(folder.glob("*.jsonl"))
+    printed = Path(stdout.strip().splitlines()[-1].rsplit(" ", 1)[-1])
+    assert len(files) == 1 and printed.resolve() == files[0].resolve(), stdout
+    return files[0]
+
+
+def test_batch_prompts_file_with_adapter_writes_into_checkpoint(adapted, tmp_path, capsys):
+    ckpt, lm = adapted
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [{"prompt": QUESTION, "reference": "an assistant"},
+                                                          {"query": "What is 2+2?"}, "Say hello."]) + "\n")
+    assert cli.main(["infer", "--adapters", str(ckpt), "--prompts", str(prompts), "--temperature", "0",
+                     "--max_new_tokens", "16"]) == 0
+    path = _result_file(capsys.readouterr().out, ckpt / "infer_result")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [QUESTION, "What is 2+2?", "Say hello."]
+    assert [r["reference"] for r in rows] == ["an assistant", None, None]
+    g = Generator(lm)
+    assert rows[0]["response"] == g.complete(g.chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
+
+
+def test_batch_val_dataset_writes_prompt_response_reference(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([
+        {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+        {"instruction": "Translate to French:", "input": "Good morning", "output": "Bonjour"},
+    ], ensure_ascii=False))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["infer", "--model", SMOLLM, "--val_dataset", str(data), "--temperature", "0",
+                     "--max_new_tokens", "12"]) == 0
+    path = _result_file(capsys.readouterr().out, tmp_path / "output" / "infer_result")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["reference"] for r in rows] == ["Paris.", "Bonjour"]
+    assert rows[0]["prompt"] == "What is the capital of France?" and "Paris" in rows[0]["response"]
+    assert "Good morning" in rows[1]["prompt"] and rows[1]["response"]
