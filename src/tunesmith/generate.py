@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.model.decoder import KVCache
+from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
 
 
@@ -48,10 +48,19 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, compiled: bool | None = None, static_len: int = 4096):
+        """compiled: decode through a static KV cache and a CUDA-graph-compiled step (default: on CUDA).
+        Prompts + answers longer than static_len fall back to the dynamic cache."""
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
+        on_cuda = lm.model.lm_head_weight.device.type == "cuda"
+        self.compiled = on_cuda if compiled is None else compiled
+        self.static_len = min(static_len, self.context_length)
+        self._static: StaticKVCache | None = None
+        self._compiled_step = self.model.forward_static
+        if self.compiled and on_cuda:
+            self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True)
 
     @property
     def context_length(self) -> int:
@@ -87,22 +96,15 @@ class Generator:
             gen = torch.Generator(device=device).manual_seed(cfg.seed)
         eos = set(self.lm.eos_token_ids)
         prompt = torch.tensor([prompt_ids], device=device)
-        cache = KVCache(self.model.config, 1, len(prompt_ids) + max_new, device, self.model.lm_head_weight.dtype) \
-            if use_cache else None
+        next_logits = self._decoder(prompt, max_new, use_cache)
         seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=device)
         seen[prompt[0]] = True
         out: list[int] = [] if token_sink is None else token_sink
         emitted = 0  # characters of the decoded text already yielded
         hold = max((len(s) for s in cfg.stop), default=1) - 1  # text held back while it may start a stop string
-        step_input = prompt
         finish = "length"
         for step in range(max_new):
-            if cache is not None:
-                h = self.model(step_input, cache=cache)[:, -1]
-            else:
-                h = self.model(torch.cat([prompt, torch.tensor([out], device=device, dtype=torch.long)], 1)
-                               if out else prompt)[:, -1]
-            logits = self.model.logits(h).float()[0]
+            logits = next_logits(out[-1] if out else None).float()
             if step < cfg.min_new_tokens and eos:
                 logits[list(eos)] = float("-inf")
             tok = int(sample(logits, seen, cfg, gen))
@@ -111,7 +113,6 @@ class Generator:
                 break
             out.append(tok)
             seen[tok] = True
-            step_input = torch.tensor([[tok]], device=device)
             text = self.tokenizer.decode(out)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
@@ -130,6 +131,48 @@ class Generator:
         if len(final) > emitted:
             yield Delta(final[emitted:])
         yield Delta("", finish, len(prompt_ids), len(out))
+
+    def _decoder(self, prompt: torch.Tensor, max_new: int, use_cache: bool):
+        """A function last_token -> next-token logits (vocab,): None on the first call (prefill)."""
+        model, device = self.model, prompt.device
+        total = prompt.shape[1] + max_new
+        if not use_cache:
+            ids = prompt[0].tolist()
+
+            def recompute(tok):
+                if tok is not None:
+                    ids.append(tok)
+                return model.logits(model(torch.tensor([ids], device=device))[:, -1])[0]
+
+            return recompute
+        if self.compiled and total <= self.static_len:
+            cache = self._static_cache()
+            pos = torch.arange(prompt.shape[1], device=device)
+            state = {"pos": prompt.shape[1]}
+
+            def static_step(tok):
+                if tok is None:
+                    return model.forward_static(prompt, pos, cache)[0]
+                p = torch.tensor([state["pos"]], device=device)
+                state["pos"] += 1
+                return self._compiled_step(torch.tensor([[tok]], device=device), p, cache)[0]
+
+            return static_step
+        cache = KVCache(model.config, 1, total, device, model.lm_head_weight.dtype)
+
+        def cached(tok):
+            x = prompt if tok is None else torch.tensor([[tok]], device=device)
+            return model.logits(model(x, cache=cache)[:, -1])[0]
+
+        return cached
+
+    def _static_cache(self) -> StaticKVCache:
+        if self._static is None:
+            self._static = StaticKVCache(self.model.config, 1, self.static_len, self.model.lm_head_weight.device,
+                                         self.model.lm_head_weight.dtype)
+            for t in self._static.k + self._static.v:
+                torch._dynamo.mark_static_address(t)  # CUDA graphs write the cache in place, never copy it
+        return self._static
 
     @torch.inference_mode()
     def complete_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[Completion]:
@@ -163,7 +206,10 @@ class Generator:
             logits = self.model.logits(h).float()
             if step < cfg.min_new_tokens:
                 logits[:, eos] = float("-inf")
-            toks = torch.stack([sample(logits[b], seen[b], cfg, gen) for b in range(B)])
+            if cfg.temperature <= 0 and cfg.repetition_penalty == 1.0:
+                toks = logits.argmax(-1)
+            else:
+                toks = torch.stack([sample(logits[b], seen[b], cfg, gen) for b in range(B)])
             is_eos = torch.isin(toks, eos)
             for b in torch.nonzero(alive & is_eos).flatten().tolist():
                 finish[b] = "stop"

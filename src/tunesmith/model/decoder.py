@@ -186,6 +186,23 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class StaticKVCache:
+    """Fixed-shape keys/values for CUDA-graph decoding (gpt-fast style): every step attends over all max_len
+    slots with a mask, and writes its keys at a position *tensor*, so one captured graph serves every step."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.pos: torch.Tensor | None = None  # (T,) slots written by the current call
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -328,6 +345,21 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
+
+    def forward_static(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits of the last position, for tokens at slots `pos` (T,) of a StaticKVCache (same for every row).
+
+        Used for prefill (T = prompt length) and decode (T = 1, the shape `torch.compile` captures in a CUDA
+        graph). Keys beyond a query's own position are masked, so stale slots never leak in."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(pos.expand(B, T), x.dtype)
+        slots = torch.arange(cache.max_len, device=input_ids.device)
+        mask = (slots[None, :] <= pos[:, None])[None, None]  # (1, 1, T, max_len)
+        cache.pos = pos
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.logits(self.model.norm(x[:, -1]))
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer (fuses RMSNorm, RoPE, SwiGLU and the LoRA adds into few kernels).
