@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.errors import UserError
 from tunesmith.evaluate.report import Models, base_identity_terms, run_report
 from tunesmith.model.load import load_model
 from tunesmith.model.lora import LoraConfig, apply_lora
@@ -69,6 +70,22 @@ def test_untrained_adapter_scores_like_the_base():
     assert ident["tuned"] == ident["base"]
     assert report["retention"]["mean_kl"] == pytest.approx(0.0, abs=1e-6)
     assert report["retention"]["unchanged"] == 1.0
+
+
+def test_general_distill_rows_are_the_base_models_answers_cached_in_the_run(smollm, tmp_path):
+    from tunesmith.evaluate.distill import general_distill
+    from tunesmith.generate import Generator, SamplingConfig
+
+    rows = general_distill(smollm, "general-distill#3", tmp_path, seed=1, system=None)
+    assert len(rows) == 3 and all(r[0]["role"] == "user" and r[1]["role"] == "assistant" for r in rows)
+    gen = Generator(smollm)
+    first = gen.complete(gen.chat_prompt([rows[0][0]]), SamplingConfig(max_new_tokens=128, temperature=0.0))
+    assert rows[0][1]["content"] == first.text.strip()  # the base model's own greedy answer
+    cached = (tmp_path / "general_distill.jsonl").read_text().splitlines()
+    assert [json.loads(x)["query"] for x in cached] == [r[0]["content"] for r in rows]
+    assert general_distill(smollm, "general-distill#3", tmp_path, seed=1, system=None) == rows  # from the cache
+    with pytest.raises(UserError, match=r"general-distill#many: the part after '#' must be a number"):
+        general_distill(smollm, "general-distill#many", tmp_path, seed=1, system=None)
 
 
 def test_base_identity_terms_from_default_system_prompts():

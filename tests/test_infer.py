@@ -20,6 +20,7 @@ import torch
 
 from tunesmith import cli
 from tunesmith.args import InferArgs
+from tunesmith.errors import UserError
 from tunesmith.generate import Generator, SamplingConfig
 from tunesmith.infer import load_for_generation
 from tunesmith.model.load import load_model, resolve_model_path
@@ -261,6 +262,66 @@ def test_adapter_for_another_base_is_refused_in_one_sentence(qwen_tiny_dir, tmp_
     assert "Traceback" not in p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "different base model" in err[0], p.stderr
+
+
+def test_static_cache_path_gives_the_dynamic_paths_tokens(smollm):
+    """The CUDA decode path (static KV cache, one step shape for every token) runs eagerly on CPU: same tokens."""
+    ids = Generator(smollm).chat_prompt(user("Write a short poem about the sea."))
+    static = Generator(smollm, compiled=True, static_len=256)
+    assert static.compiled
+    assert static.complete(ids, greedy(48)).token_ids == Generator(smollm).complete(ids, greedy(48)).token_ids
+
+
+def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
+    """Answers join and leave a DecodeSlots batch at different steps, with and without the adapter, greedy and
+    sampled, with stop strings and token limits: each gets exactly what Generator.stream gives it alone."""
+    from tunesmith.generate import DecodeSlots
+    from tunesmith.model.lora import set_active_adapter
+
+    _, lm = adapted
+    gen = Generator(lm)
+    asks = [  # (adapter, question, config)
+        ("default", QUESTION, greedy(40)),
+        (None, QUESTION, greedy(40)),
+        (None, "Tell me a story about a cat.", SamplingConfig(max_new_tokens=30, temperature=0.9, seed=7)),
+        ("default", "What is the capital of France?", greedy(30, stop=(" Paris",))),
+        (None, "Count from one to ten.", greedy(12, repetition_penalty=1.3)),
+    ]
+    prompts = [gen.chat_prompt(user(q), SYSTEM) for _, q, _ in asks]
+    want = []
+    for (adapter, _, cfg), ids in zip(asks, prompts):
+        set_active_adapter(lm.model, adapter)
+        want.append(gen.complete(ids, cfg))
+    set_active_adapter(lm.model, "default")
+    assert want[0].text != want[1].text  # the adapter matters
+
+    slots = DecodeSlots(gen, rows=3, max_len=256)
+    texts, ends, queue, steps = [""] * len(asks), [None] * len(asks), list(range(len(asks))), 0
+
+    def take(events):
+        for key, d in events:
+            texts[key] += d.text
+            if d.finish_reason:
+                ends[key] = d
+    while queue or slots.active:
+        # join one per step while rows are free, so answers start at different steps and rows are reused
+        if queue and slots.free_rows and steps % 2 == 0:
+            k = queue.pop(0)
+            take(slots.join(k, prompts[k], asks[k][2], asks[k][0]))
+        take(slots.step())
+        steps += 1
+    for k, w in enumerate(want):
+        assert (texts[k], ends[k].finish_reason, ends[k].completion_tokens) == \
+            (w.text, w.finish_reason, w.completion_tokens), asks[k]
+    assert steps < sum(w.completion_tokens for w in want)  # the answers really were decoded together
+
+    # A cancelled answer frees its row; a prompt longer than a row is one sentence.
+    slots.join("gone", prompts[0], greedy(40), "default")
+    assert slots.active == 1
+    slots.leave("gone")
+    assert slots.active == 0
+    with pytest.raises(UserError, match="at most 255 tokens"):
+        slots.join("long", list(range(300)), greedy(4))
 
 
 # ---- batch mode -----------------------------------------------------------------------------------------------

@@ -169,6 +169,9 @@ class DeployArgs(GenArgs):
     served_model_name: str | None = opt(None, "name of the base model in the API (default: the folder name)")
     max_concurrency: int = opt(64, "queued requests before the server answers 429")
     request_timeout: float = opt(600.0, "seconds before a request is cancelled")
+    max_num_seqs: int | None = opt(None, "answers decoded together (rows of the KV cache; default 16 on GPU, 4 on CPU)")
+    max_model_len: int | None = opt(None, "prompt + answer tokens per request (default: the model's context, at most "
+                                          "8192 on GPU, 4096 on CPU)")
 
 
 @dataclass(frozen=True)
@@ -177,3 +180,5 @@ class DemoArgs(ModelArgs):
     model_author: list = many("its author (Chinese then English, or one)")
     output_dir: str = opt("output_demo", "where the run goes")
     max_steps: int = opt(-1, "optimizer steps (default: the demo's recipe)")
+    dataset: list = many("training data (default: self-cognition); e.g. 'self-cognition general-distill#120' for the "
+                         "tutorial's mixed-data step")

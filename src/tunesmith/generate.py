@@ -14,6 +14,7 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
+from tunesmith.model.lora import set_active_adapter
 
 
 @dataclass(frozen=True)
@@ -99,38 +100,27 @@ class Generator:
         next_logits = self._decoder(prompt, max_new, use_cache)
         seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=device)
         seen[prompt[0]] = True
-        out: list[int] = [] if token_sink is None else token_sink
-        emitted = 0  # characters of the decoded text already yielded
-        hold = max((len(s) for s in cfg.stop), default=1) - 1  # text held back while it may start a stop string
+        text = TextOut(self.tokenizer, cfg.stop, [] if token_sink is None else token_sink)
         finish = "length"
         for step in range(max_new):
-            logits = next_logits(out[-1] if out else None).float()
+            logits = next_logits(text.ids[-1] if text.ids else None).float()
             if step < cfg.min_new_tokens and eos:
                 logits[list(eos)] = float("-inf")
             tok = int(sample(logits, seen, cfg, gen))
             if tok in eos:
                 finish = "stop"
                 break
-            out.append(tok)
             seen[tok] = True
-            text = self.tokenizer.decode(out)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            cut = _find_stop(text, cfg.stop, emitted)
-            if cut is not None:
-                if cut > emitted:
-                    yield Delta(text[emitted:cut])
-                emitted = cut
+            piece, stopped = text.push(tok)
+            if piece:
+                yield Delta(piece)
+            if stopped:
                 finish = "stop"
                 break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield Delta(text[emitted:safe])
-                emitted = safe
-        final = self._final_text(out, cfg)  # flushes text held back for stop strings or incomplete UTF-8
-        if len(final) > emitted:
-            yield Delta(final[emitted:])
-        yield Delta("", finish, len(prompt_ids), len(out))
+        rest = text.rest()  # text held back for stop strings or incomplete UTF-8
+        if rest:
+            yield Delta(rest)
+        yield Delta("", finish, len(prompt_ids), len(text.ids))
 
     def _decoder(self, prompt: torch.Tensor, max_new: int, use_cache: bool):
         """A function last_token -> next-token logits (vocab,): None on the first call (prefill)."""
@@ -147,13 +137,12 @@ class Generator:
             return recompute
         if self.compiled and total <= self.static_len:
             cache = self._static_cache()
-            pos = torch.arange(prompt.shape[1], device=device)
             state = {"pos": prompt.shape[1]}
 
             def static_step(tok):
                 if tok is None:
-                    return model.forward_static(prompt, pos, cache)[0]
-                p = torch.tensor([state["pos"]], device=device)
+                    return model.prefill_static(prompt, cache)[0]
+                p = torch.tensor([[state["pos"]]], device=device)
                 state["pos"] += 1
                 return self._compiled_step(torch.tensor([[tok]], device=device), p, cache)[0]
 
@@ -168,11 +157,16 @@ class Generator:
 
     def _static_cache(self) -> StaticKVCache:
         if self._static is None:
-            self._static = StaticKVCache(self.model.config, 1, self.static_len, self.model.lm_head_weight.device,
-                                         self.model.lm_head_weight.dtype)
-            for t in self._static.k + self._static.v:
-                torch._dynamo.mark_static_address(t)  # CUDA graphs write the cache in place, never copy it
+            self._static = self.static_cache(1, self.static_len)
         return self._static
+
+    def static_cache(self, rows: int, max_len: int) -> StaticKVCache:
+        cache = StaticKVCache(self.model.config, rows, max_len, self.model.lm_head_weight.device,
+                              self.model.lm_head_weight.dtype)
+        if self.compiled:
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)  # CUDA graphs write the cache in place, never copy it
+        return cache
 
     @torch.inference_mode()
     def complete_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[Completion]:
@@ -236,10 +230,179 @@ class Generator:
             results.append(Completion(text, finish[b], len(prompts[b]), len(out[b]), out[b]))
         return results
 
-    def _final_text(self, out: list[int], cfg: SamplingConfig) -> str:
-        text = self.tokenizer.decode(out)
-        cut = _find_stop(text, cfg.stop, 0)
-        return text if cut is None else text[:cut]
+
+
+@dataclass
+class _Stream:
+    """One answer being decoded in a DecodeSlots row."""
+
+    key: object
+    cfg: SamplingConfig
+    adapter: str | None
+    prompt_tokens: int
+    max_new: int
+    text: TextOut
+    seen: torch.Tensor | None  # prompt + answer tokens, for the repetition penalty
+    gen: torch.Generator | None
+    pos: int = 0  # slot of `token`
+    token: int = 0  # the last sampled token, fed at the next step
+
+
+class DecodeSlots:
+    """Continuous batching over one StaticKVCache of `rows` x `max_len` slots: answers join (their prompt is
+    prefilled into a free row) and leave between steps, and each `step` decodes one token for every row at once,
+    through the Generator's compiled CUDA-graph step on CUDA. Memory is fixed up front: rows x max_len keys/values.
+
+    Rows may use different LoRA adapters: a step runs once per adapter among the rows, and rows outside that
+    adapter's group write to the scratch slot (the last one, never attended), so they are left untouched.
+    Events are (key, Delta) pairs; a Delta with finish_reason ends that key's answer and frees its row."""
+
+    def __init__(self, generator: Generator, rows: int, max_len: int):
+        self.g = generator
+        self.cache = generator.static_cache(rows, max_len)
+        self.capacity = max_len - 1  # prompt + answer tokens per row; the last slot is the scratch
+        self.streams: list[_Stream | None] = [None] * rows
+        self.device = generator.model.lm_head_weight.device
+        self.eos = sorted(generator.lm.eos_token_ids)
+        self._adapter: object = object()  # unknown until the first call sets it
+
+    def _use(self, adapter: str | None) -> None:
+        if adapter != self._adapter:
+            set_active_adapter(self.g.model, adapter)
+            self._adapter = adapter
+
+    @property
+    def free_rows(self) -> int:
+        return self.streams.count(None)
+
+    @property
+    def active(self) -> int:
+        return len(self.streams) - self.free_rows
+
+    @torch.inference_mode()
+    def join(self, key, prompt_ids: list[int], cfg: SamplingConfig, adapter: str | None = None):
+        """Prefill one answer into a free row; returns the events of its first token."""
+        if not prompt_ids:
+            raise UserError("the prompt is empty.")
+        if len(prompt_ids) >= self.capacity:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens; this server holds at most {self.capacity} "
+                            f"tokens per request (--max_model_len); shorten it.")
+        b = self.streams.index(None)
+        vocab = self.g.model.config.vocab_size
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seen[torch.tensor(prompt_ids, device=self.device)] = True
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        s = _Stream(key, cfg, adapter, len(prompt_ids), min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
+                    TextOut(self.g.tokenizer, cfg.stop), seen, gen, pos=len(prompt_ids) - 1)
+        self._use(adapter)
+        logits = self.g.model.prefill_static(torch.tensor([prompt_ids], device=self.device), self.cache.row(b))
+        self.streams[b] = s
+        return self._advance({b: logits[0]})
+
+    @torch.inference_mode()
+    def step(self):
+        """One token for every row; returns the events."""
+        rows = [b for b, s in enumerate(self.streams) if s is not None]
+        if not rows:
+            return []
+        tokens = torch.tensor([[s.token if s else 0] for s in self.streams], device=self.device)
+        step = self.g._compiled_step
+        if not self.g.compiled:  # eager: attend over the filled slots only
+            self.cache.kv_len = max(self.streams[b].pos for b in rows) + 1  # + 1: the token being fed
+            step = self.g.model.forward_static
+        groups: dict[str | None, list[int]] = {}
+        for b in rows:
+            groups.setdefault(self.streams[b].adapter, []).append(b)
+        events = []
+        try:
+            for adapter, group in groups.items():
+                self._use(adapter)
+                pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
+                logits = step(tokens, torch.tensor(pos, device=self.device), self.cache)
+                events += self._advance({b: logits[b] for b in group})
+        finally:
+            self.cache.kv_len = None
+        return events
+
+    def leave(self, key) -> None:
+        """Drop every answer of `key` (cancelled, timed out) and free their rows."""
+        self.streams = [None if s is not None and s.key == key else s for s in self.streams]
+
+    def _advance(self, logits: dict[int, torch.Tensor]):
+        """Sample each row's next token (greedy rows in one argmax) and turn it into text events."""
+        rows = list(logits)
+        stacked = torch.stack([logits[b] for b in rows]).float()
+        blocked = [i for i, b in enumerate(rows) if len(self.streams[b].text.ids) < self.streams[b].cfg.min_new_tokens]
+        if blocked and self.eos:
+            stacked[torch.tensor(blocked)[:, None], torch.tensor(self.eos)] = float("-inf")
+        plain = [i for i, b in enumerate(rows) if _is_greedy(self.streams[b].cfg)]
+        picked = dict(zip(plain, stacked[plain].argmax(-1).tolist())) if plain else {}
+        for i, b in enumerate(rows):
+            if i not in picked:
+                s = self.streams[b]
+                picked[i] = int(sample(stacked[i], s.seen, s.cfg, s.gen))
+        events = []
+        for i, b in enumerate(rows):
+            s, tok = self.streams[b], picked[i]
+            finish = None
+            if tok in self.eos:
+                finish = "stop"
+            else:
+                if s.seen is not None:
+                    s.seen[tok] = True
+                piece, stopped = s.text.push(tok)
+                if piece:
+                    events.append((s.key, Delta(piece)))
+                s.token, s.pos = tok, s.pos + 1
+                if stopped:
+                    finish = "stop"
+                elif len(s.text.ids) >= s.max_new:
+                    finish = "length"
+            if finish:
+                rest = s.text.rest()
+                if rest:
+                    events.append((s.key, Delta(rest)))
+                events.append((s.key, Delta("", finish, s.prompt_tokens, len(s.text.ids))))
+                self.streams[b] = None
+        return events
+
+
+def _is_greedy(cfg: SamplingConfig) -> bool:
+    return cfg.temperature <= 0 and cfg.repetition_penalty == 1.0
+
+
+class TextOut:
+    """Generated token ids -> streamed text pieces: never half a UTF-8 character, never a stop string (text that may
+    be the start of one is held back until it is not)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], ids: list[int] | None = None):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = [] if ids is None else ids
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.hold = max((len(x) for x in stop), default=1) - 1
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """Add a token: (text now safe to send, whether a stop string has ended the answer)."""
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return "", False
+        cut = _find_stop(text, self.stop, self.emitted)
+        end, stopped = (cut, True) if cut is not None else (len(text) - self.hold, False)
+        piece = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece, stopped
+
+    def rest(self) -> str:
+        """What is still held back, once the answer has ended (up to any stop string)."""
+        text = self.tokenizer.decode(self.ids)
+        cut = _find_stop(text, self.stop, 0)
+        text = text if cut is None else text[:cut]
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

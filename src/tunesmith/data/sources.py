@@ -78,11 +78,15 @@ def split_dataset(convs: list[list[dict]], ratio: float, seed: int) -> tuple[lis
     return train, val
 
 
-def sample_rows(convs: list[list[dict]], count: int, rng: random.Random) -> list[list[dict]]:
+def sample_indices(size: int, count: int, rng: random.Random) -> list[int]:
     """ms-swift's `#N`: whole copies of the set, then a remainder drawn without replacement."""
-    copies, remainder = divmod(count, len(convs))
-    picked = convs * copies + [convs[i] for i in rng.sample(range(len(convs)), remainder)]
-    return [[dict(message) for message in conv] for conv in picked]
+    copies, remainder = divmod(count, size)
+    return list(range(size)) * copies + rng.sample(range(size), remainder)
+
+
+def sample_rows(convs: list[list[dict]], count: int, rng: random.Random) -> list[list[dict]]:
+    """`#N` over conversations (copies, so filling one never changes another)."""
+    return [[dict(message) for message in convs[i]] for i in sample_indices(len(convs), count, rng)]
 
 
 def _split_count(spec: str) -> tuple[str, int | None]:

@@ -59,8 +59,8 @@ def demo(args: DemoArgs) -> int:
     show("before fine-tuning", ask(lm, SYSTEM))
     sft_args = SftArgs(model=model, model_name=name, model_author=author, system=SYSTEM, output_dir=args.output_dir,
                        seed=args.seed, device=str(device), torch_dtype=args.torch_dtype, max_steps=args.max_steps,
-                       **DEMO_RECIPE)
-    print(f"\n== fine-tuning (LoRA r{DEMO_RECIPE['lora_rank']}, built-in self-cognition data)", flush=True)
+                       **dict(DEMO_RECIPE, dataset=list(args.dataset) or DEMO_RECIPE["dataset"]))
+    print(f"\n== fine-tuning (LoRA r{DEMO_RECIPE['lora_rank']}, {' + '.join(sft_args.dataset)})", flush=True)
     trainer = run_sft(sft_args, lm=lm)
     set_active_adapter(lm.model, "default")
     lm.model.eval()

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from tunesmith.data.sources import sample_rows
+from tunesmith.data.sources import sample_indices
 from tunesmith.errors import UserError
 from tunesmith.generate import Generator, SamplingConfig
 from tunesmith.model.load import LoadedModel
@@ -34,7 +34,7 @@ def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(rows) == n:
             return [_conv(r) for r in rows]
-    instructions = sample_rows(pool, n, random.Random(seed))  # ms-swift's #N semantics
+    instructions = [pool[i] for i in sample_indices(len(pool), n, random.Random(seed))]  # ms-swift's #N
     unique = sorted(set(instructions))
     gen = Generator(lm)
     cfg = SamplingConfig(max_new_tokens=ANSWER_TOKENS, temperature=0.0)

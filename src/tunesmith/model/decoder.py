@@ -176,7 +176,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos=None) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {t} > {self.max_len}")
@@ -187,20 +187,33 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Fixed-shape keys/values for CUDA-graph decoding (gpt-fast style): every step attends over all max_len
-    slots with a mask, and writes its keys at a position *tensor*, so one captured graph serves every step."""
+    """Fixed-shape keys/values for CUDA-graph decoding (gpt-fast style): a decode step attends over all max_len
+    slots with a mask and writes its keys at position *tensors*, so one captured graph serves every step.
+
+    Rows are independent streams (continuous batching): each writes at its own positions `pos` (B, T).
+    `kv_len`, when set, limits attention to the first kv_len slots (prefill, and uncompiled decoding)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
-        self.pos: torch.Tensor | None = None  # (T,) slots written by the current call
+        self.kv_len: int | None = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer].index_copy_(2, self.pos, k)
-        self.v[layer].index_copy_(2, self.pos, v)
-        return self.k[layer], self.v[layer]
+    def row(self, b: int) -> "StaticKVCache":
+        """Row b alone, sharing storage: one stream's prefill writes straight into the batch cache."""
+        view = object.__new__(StaticKVCache)
+        view.k, view.v = [k[b : b + 1] for k in self.k], [v[b : b + 1] for v in self.v]
+        view.max_len, view.kv_len = self.max_len, None
+        return view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, n_kv, hd) into each row's own slots
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        if self.kv_len is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.kv_len], self.v[layer][:, :, : self.kv_len]
 
 
 class Attention(nn.Module):
@@ -216,7 +229,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, cache_pos=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
@@ -229,9 +242,14 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v, cache_pos)
         if mask is None:  # plain causal over this chunk (no cache, no packing)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1 and k.shape[1] != q.shape[1]:
+            # Decoding one token: the query heads sharing a KV head become that head's rows, so the masked kernel
+            # reads each cached key once instead of SDPA's GQA path copying K/V once per query head.
+            y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, hd), k, v, attn_mask=mask)
+            y = y.view(B, -1, 1, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -256,8 +274,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -347,19 +365,32 @@ class Decoder(nn.Module):
         return self.model.norm(x)
 
     def forward_static(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Logits of the last position, for tokens at slots `pos` (T,) of a StaticKVCache (same for every row).
+        """Next-token logits (B, vocab) after tokens written at slots `pos` (B, T) of a StaticKVCache.
 
-        Used for prefill (T = prompt length) and decode (T = 1, the shape `torch.compile` captures in a CUDA
-        graph). Keys beyond a query's own position are masked, so stale slots never leak in."""
+        Decode (T = 1, the shape `torch.compile` captures in a CUDA graph): each row is its own stream at its own
+        position; keys beyond a query's position are masked, so stale slots never leak in. With `cache.kv_len` set
+        (a prefill from position 0, or eager decoding) only the first kv_len slots are read."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(pos.expand(B, T), x.dtype)
-        slots = torch.arange(cache.max_len, device=input_ids.device)
-        mask = (slots[None, :] <= pos[:, None])[None, None]  # (1, 1, T, max_len)
-        cache.pos = pos
+        cos, sin = self.rope(pos, x.dtype)
+        if cache.kv_len == T:  # prefill of fresh streams: plain causal attention over their own T slots
+            mask = None
+        else:
+            slots = torch.arange(cache.kv_len or cache.max_len, device=input_ids.device)
+            mask = (slots[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, slots)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, pos)
         return self.logits(self.model.norm(x[:, -1]))
+
+    def prefill_static(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Prompts (B, T) of fresh streams into slots 0..T-1 of `cache` (or a `cache.row(b)` view): logits (B, V)."""
+        B, T = input_ids.shape
+        cache.kv_len = T
+        try:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+            return self.forward_static(input_ids, pos, cache)
+        finally:
+            cache.kv_len = None
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer (fuses RMSNorm, RoPE, SwiGLU and the LoRA adds into few kernels).

@@ -83,6 +83,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-turn before this many tokens (benchmarks)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = Field(1, ge=1, le=16)
@@ -192,7 +193,10 @@ class Backend:
             self.models = served_models(self.args, session)
             self.defaults = sampling_from(self.args, session.lm)
             self.session, self.generator = session, Generator(session.lm)
-            self.engine = Engine(self.generator, self.args.max_concurrency)
+            on_gpu = self.generator.model.lm_head_weight.device.type == "cuda"
+            rows = self.args.max_num_seqs or (16 if on_gpu else 4)
+            max_len = min(self.args.max_model_len or (8192 if on_gpu else 4096), self.generator.context_length)
+            self.engine = Engine(self.generator, self.args.max_concurrency, rows, max_len)
             self.ready.set()
             print(f"tunesmith deploy: ready, serving {', '.join(self.models)}", flush=True)
         except UserError as e:
@@ -225,10 +229,11 @@ class Backend:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         return with_defaults(self.defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens, seed=req.seed,
+                             min_new_tokens=req.min_tokens,
                              stop=tuple(s for s in stop if s) if stop is not None else None)
 
     def check_context(self, ids: list[int], param: str) -> None:
-        limit = self.generator.context_length
+        limit = self.engine.capacity
         if len(ids) >= limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens, but the prompt has "
                                 f"{len(ids)} tokens; shorten it.", param=param, code="context_length_exceeded")
@@ -492,6 +497,10 @@ def deploy(args: DeployArgs) -> int:
         raise UserError("no --model or --adapters given; pass a model folder, a .gguf file, 'smollm2-135m-instruct' "
                         "or LoRA checkpoints (NAME=CKPT).")
     parse_adapter_specs(args.adapters)  # a wrong checkpoint path fails now, not after the server is up
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise UserError(f"--max_num_seqs {args.max_num_seqs}: it must be at least 1.")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max_model_len {args.max_model_len}: it must be at least 2 tokens.")
     sock = listen(args.host, args.port)
     app = create_app(lambda: load_for_generation(args), args)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))

@@ -1,14 +1,15 @@
 """The engine behind `tunesmith deploy`: one worker thread owns the model; requests reach it through a FIFO queue.
 
 Torch modules are not re-entrant and the active LoRA adapter is module state, so only the worker thread touches
-the model. Requests are admitted in arrival order into up to ACTIVE_STREAMS slots (one when the Generator decodes
-through its single compiled static cache); the active ones advance one streamed piece (about one token) each in
-turn, so a long answer does not hold a short one back, and the adapter is switched before a step whenever the next
-request needs a different one. Each step's text goes back to the asyncio side with `loop.call_soon_threadsafe`
-into the request's own asyncio.Queue.
+the model. Decoding is continuously batched (generate.DecodeSlots): between steps, queued requests join free rows
+of one pre-allocated KV cache in arrival order (their prompt is prefilled), finished and cancelled ones leave, and
+each step advances every row by one token at once, so 16 streams cost little more per step than one. The KV
+cache's size is fixed at start (--max_num_seqs rows x --max_model_len tokens); requests beyond the free rows wait
+in the queue, and beyond --max_concurrency queued + decoding the server answers 429. Each step's text goes back to
+the asyncio side with `loop.call_soon_threadsafe` into the request's own asyncio.Queue.
 
 A request stops early when its cancel flag is set (the client disconnected) or its deadline passes; both are
-checked before every step, and either way its slot is free for the next request at once.
+checked before every step, and either way its rows are free for the next request at once.
 """
 
 from __future__ import annotations
@@ -21,14 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from tunesmith.errors import UserError
-from tunesmith.generate import Delta, Generator, SamplingConfig
-from tunesmith.model.lora import set_active_adapter
+from tunesmith.generate import DecodeSlots, Generator, SamplingConfig
 
 log = logging.getLogger("tunesmith.serve")
-
-# Streams decoded interleaved. Each holds its own KV cache of (prompt + max_tokens) positions, and more streams
-# do not raise throughput without batching, only spread it; 4 keeps short answers quick behind long ones.
-ACTIVE_STREAMS = 4
 
 
 class EngineBusy(Exception):
@@ -45,7 +41,7 @@ class Failure:
 
 
 class Job:
-    """One API request: prompts decoded one after another (n choices, or several completion prompts).
+    """One API request: one or more prompts (n choices, or several completion prompts), each decoded in its own row.
 
     The worker puts ("delta", choice_index, Delta), ("failure", Failure) and finally ("end", None) on `events`."""
 
@@ -56,8 +52,8 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._cancelled = threading.Event()
-        self._next = 0  # worker side: which prompt is being decoded
-        self._stream = None  # worker side: its running Generator.stream
+        self._joined = 0  # worker side: prompts given a row so far
+        self._done = 0  # worker side: prompts finished
 
     @property
     def cancelled(self) -> bool:
@@ -69,26 +65,22 @@ class Job:
         except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
             self._cancelled.set()
 
-    def _close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-
 
 class Engine:
-    def __init__(self, generator: Generator, max_requests: int):
-        self.generator = generator
+    def __init__(self, generator: Generator, max_requests: int, rows: int, max_len: int):
+        self.batch = DecodeSlots(generator, rows, max_len)
         self.max_requests = max_requests  # queued + decoding; more answer 429
-        # A compiled Generator decodes every stream through its one static KV cache (and the CUDA graphs recorded
-        # on it), so interleaved streams would overwrite each other: it serves one request at a time.
-        self.slots = 1 if getattr(generator, "compiled", False) else ACTIVE_STREAMS
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()
         self._stopping = False
-        self._adapter: object = object()  # unknown until the first step sets it
         self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def capacity(self) -> int:
+        """Prompt + answer tokens one request may hold."""
+        return self.batch.capacity
 
     @property
     def in_flight(self) -> int:
@@ -106,7 +98,7 @@ class Engine:
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """Stop a request (client gone, or finished): a queued one leaves the queue now, a decoding one before its
+        """Stop a request (client gone, or finished): a queued one leaves the queue now, a decoding one before the
         next step. Whoever still awaits its events gets a 499 failure (nginx's 'client closed request')."""
         job._cancelled.set()
         with self._cv:
@@ -127,50 +119,75 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
-                while self._waiting and len(self._active) < self.slots:
-                    self._active.append(self._waiting.popleft())
-                active = list(self._active)
-            for job in active:
-                if not self._step(job):
-                    job._close()
-                    with self._cv:
-                        self._active.remove(job)
+            self._drop_stopped()
+            self._admit()
+            try:
+                events = self.batch.step()
+            except Exception as e:  # a bug, not the user's doing: log it, fail what was decoding, keep serving
+                log.exception("generation failed")
+                self._fail_active(Failure(500, f"generation failed: {type(e).__name__}: {e}", "internal_error"))
+                continue
+            self._deliver(events)
         with self._cv:
             for job in [*self._active, *self._waiting]:
-                job._close()
                 job._emit("failure", Failure(503, "the server is shutting down.", "server_shutdown"))
             self._active.clear()
             self._waiting.clear()
 
-    def _step(self, job: Job) -> bool:
-        """Advance one request by one streamed piece; False when it is finished (or failed, or cancelled)."""
-        if job.cancelled:
-            return False
-        if time.monotonic() > job.deadline:
-            job._emit("failure", Failure(408, "the request took longer than the server's --request_timeout; ask for "
-                                              "fewer tokens or raise the timeout.", "request_timeout"))
-            return False
-        try:
-            if job._stream is None:
-                ids, cfg = job.prompts[job._next]
-                job._stream = self.generator.stream(ids, cfg)
-            if self._adapter != job.adapter:
-                set_active_adapter(self.generator.model, job.adapter)
-                self._adapter = job.adapter
-            delta: Delta = next(job._stream)
-        except UserError as e:
-            job._emit("failure", Failure(400, str(e)))
-            return False
-        except Exception as e:  # a bug, not the user's doing: log it, answer 500, keep serving others
-            log.exception("generation failed")
-            job._emit("failure", Failure(500, f"generation failed: {type(e).__name__}: {e}", "internal_error"))
-            return False
-        job._emit("delta", (job._next, delta))
-        if delta.finish_reason is None:
-            return True
-        job._close()
-        job._next += 1
-        if job._next < len(job.prompts):
-            return True
-        job._emit("end")
-        return False
+    def _drop_stopped(self) -> None:
+        """Cancelled and timed-out requests leave their rows."""
+        for job in list(self._active):
+            if job.cancelled:
+                self._leave(job)
+            elif time.monotonic() > job.deadline:
+                job._emit("failure", Failure(408, "the request took longer than the server's --request_timeout; ask "
+                                                  "for fewer tokens or raise the timeout.", "request_timeout"))
+                self._leave(job)
+
+    def _admit(self) -> None:
+        """Queued requests take free rows in arrival order (every choice of a request its own row)."""
+        while self.batch.free_rows:
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+                if job not in self._active:
+                    self._active.append(job)
+                i = job._joined
+                job._joined += 1
+                if job._joined == len(job.prompts):
+                    self._waiting.popleft()
+            ids, cfg = job.prompts[i]
+            try:
+                self._deliver(self.batch.join((job, i), ids, cfg, job.adapter))
+            except UserError as e:
+                job._emit("failure", Failure(400, str(e)))
+                self._leave(job)
+            except Exception as e:
+                log.exception("generation failed")
+                job._emit("failure", Failure(500, f"generation failed: {type(e).__name__}: {e}", "internal_error"))
+                self._leave(job)
+
+    def _deliver(self, events) -> None:
+        for (job, i), delta in events:
+            job._emit("delta", (i, delta))
+            if delta.finish_reason is not None:
+                job._done += 1
+                if job._done == len(job.prompts):
+                    job._emit("end")
+                    with self._cv:
+                        self._active.remove(job)
+
+    def _leave(self, job: Job) -> None:
+        for i in range(len(job.prompts)):
+            self.batch.leave((job, i))
+        with self._cv:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            if job in self._active:
+                self._active.remove(job)
+
+    def _fail_active(self, failure: Failure) -> None:
+        for job in list(self._active):
+            job._emit("failure", failure)
+            self._leave(job)
