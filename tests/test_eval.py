@@ -78,9 +78,13 @@ def test_general_distill_rows_are_the_base_models_answers_cached_in_the_run(smol
 
     rows = general_distill(smollm, "general-distill#3", tmp_path, seed=1, system=None)
     assert len(rows) == 3 and all(r[0]["role"] == "user" and r[1]["role"] == "assistant" for r in rows)
+    # answers are samples of the base model (temperature 1, seeded): reproducible, and not its greedy answer
+    (tmp_path / "other-run").mkdir()
+    again = general_distill(smollm, "general-distill#3", tmp_path / "other-run", seed=1, system=None)
+    assert again == rows
     gen = Generator(smollm)
-    first = gen.complete(gen.chat_prompt([rows[0][0]]), SamplingConfig(max_new_tokens=128, temperature=0.0))
-    assert rows[0][1]["content"] == first.text.strip()  # the base model's own greedy answer
+    greedy = gen.complete_batch([gen.chat_prompt([r[0]]) for r in rows], SamplingConfig(128, temperature=0.0))
+    assert [r[1]["content"] for r in rows] != [c.text.strip() for c in greedy]
     cached = (tmp_path / "general_distill.jsonl").read_text().splitlines()
     assert [json.loads(x)["query"] for x in cached] == [r[0]["content"] for r in rows]
     assert general_distill(smollm, "general-distill#3", tmp_path, seed=1, system=None) == rows  # from the cache

@@ -315,12 +315,17 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
             (w.text, w.finish_reason, w.completion_tokens), asks[k]
     assert steps < sum(w.completion_tokens for w in want)  # the answers really were decoded together
 
+    # Batch inference (continuous batching, in input order) keeps the adapter the caller chose.
+    set_active_adapter(lm.model, "default")
+    many = list(gen.complete_many([prompts[0], prompts[3], prompts[0]], greedy(40), rows=2))
+    assert [c.text for c in many] == [want[0].text, gen.complete(prompts[3], greedy(40)).text, want[0].text]
+
     # A cancelled answer frees its row; a prompt longer than a row is one sentence.
     slots.join("gone", prompts[0], greedy(40), "default")
     assert slots.active == 1
     slots.leave("gone")
     assert slots.active == 0
-    with pytest.raises(UserError, match="at most 255 tokens"):
+    with pytest.raises(UserError, match="the prompt has 300 tokens; at most 254 fit"):
         slots.join("long", list(range(300)), greedy(4))
 
 

@@ -95,6 +95,7 @@ class InferArgs(GenArgs):
     prompts: str | None = opt(None, "batch mode: a file of prompts (JSONL/JSON/CSV/text lines)")
     result_path: str | None = opt(None, "batch mode: where to write the JSONL (default: <ckpt>/infer_result/<time>.jsonl)")
     max_length: int | None = opt(None, "context window for history (default: the model's)")
+    max_batch_size: int | None = opt(None, "batch mode: answers decoded together (default 16 on GPU, 4 on CPU)")
 
 
 def _str2bool(v) -> bool:

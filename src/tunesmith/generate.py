@@ -6,6 +6,7 @@ Sampling order follows transformers: repetition penalty, temperature, top-k, top
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -14,7 +15,7 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
-from tunesmith.model.lora import set_active_adapter
+from tunesmith.model.lora import active_adapter, set_active_adapter
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,11 @@ class Generator:
         self._static: StaticKVCache | None = None
         self._compiled_step = self.model.forward_static
         if self.compiled and on_cuda:
-            self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True)
+            import torch._inductor.config as inductor
+
+            inductor.coordinate_descent_tuning = True  # tunes the matrix-vector kernels that decoding is made of
+            self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True,
+                                               dynamic=False)  # one CUDA graph per batch shape
 
     @property
     def context_length(self) -> int:
@@ -138,6 +143,8 @@ class Generator:
         if self.compiled and total <= self.static_len:
             cache = self._static_cache()
             state = {"pos": prompt.shape[1]}
+            if device.type == "cuda":
+                cudagraph_thread_setup()
 
             def static_step(tok):
                 if tok is None:
@@ -167,6 +174,29 @@ class Generator:
             for t in cache.k + cache.v:
                 torch._dynamo.mark_static_address(t)  # CUDA graphs write the cache in place, never copy it
         return cache
+
+    def complete_many(self, prompts: list[list[int]], cfg: SamplingConfig, rows: int) -> Iterator[Completion]:
+        """Completions of many prompts in input order, decoded `rows` at a time with continuous batching (a row is
+        refilled as soon as its answer ends); each equals `complete` of that prompt alone."""
+        if not prompts:
+            return
+        longest = max(len(p) for p in prompts)
+        slots = DecodeSlots(self, min(rows, len(prompts)), min(self.context_length, longest + cfg.max_new_tokens) + 1)
+        adapter = active_adapter(self.model)  # the one the caller chose runs every row
+        texts, done, waiting, next_out = [""] * len(prompts), {}, list(range(len(prompts))), 0
+        while next_out < len(prompts):
+            events = []
+            while waiting and slots.free_rows:
+                i = waiting.pop(0)
+                events += slots.join(i, prompts[i], cfg, adapter)
+            events += slots.step()
+            for i, d in events:
+                texts[i] += d.text
+                if d.finish_reason:
+                    done[i] = Completion(texts[i], d.finish_reason, d.prompt_tokens, d.completion_tokens)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
 
     @torch.inference_mode()
     def complete_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[Completion]:
@@ -265,6 +295,7 @@ class DecodeSlots:
         self.device = generator.model.lm_head_weight.device
         self.eos = sorted(generator.lm.eos_token_ids)
         self._adapter: object = object()  # unknown until the first call sets it
+        self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
 
     def _use(self, adapter: str | None) -> None:
         if adapter != self._adapter:
@@ -285,8 +316,8 @@ class DecodeSlots:
         if not prompt_ids:
             raise UserError("the prompt is empty.")
         if len(prompt_ids) >= self.capacity:
-            raise UserError(f"the prompt has {len(prompt_ids)} tokens; this server holds at most {self.capacity} "
-                            f"tokens per request (--max_model_len); shorten it.")
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens; at most {self.capacity - 1} fit with room for "
+                            f"an answer (prompt + answer per request: --max_model_len when serving); shorten it.")
         b = self.streams.index(None)
         vocab = self.g.model.config.vocab_size
         seen = None
@@ -307,6 +338,9 @@ class DecodeSlots:
         rows = [b for b, s in enumerate(self.streams) if s is not None]
         if not rows:
             return []
+        t0 = time.perf_counter()
+        if self.g.compiled and self.device.type == "cuda":
+            cudagraph_thread_setup()
         tokens = torch.tensor([[s.token if s else 0] for s in self.streams], device=self.device)
         step = self.g._compiled_step
         if not self.g.compiled:  # eager: attend over the filled slots only
@@ -324,6 +358,8 @@ class DecodeSlots:
                 events += self._advance({b: logits[b] for b in group})
         finally:
             self.cache.kv_len = None
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - t0
         return events
 
     def leave(self, key) -> None:
@@ -367,6 +403,23 @@ class DecodeSlots:
                 events.append((s.key, Delta("", finish, s.prompt_tokens, len(s.text.ids))))
                 self.streams[b] = None
         return events
+
+
+def cudagraph_thread_setup() -> None:
+    """torch's CUDA-graph trees keep their state in thread-local storage set up only in the thread that imported
+    them; a compiled step called from another thread (the server's engine, a benchmark after it) fails an assertion
+    (seen with torch 2.11). Set it up for the calling thread."""
+    if not torch._C._is_key_in_tls("tree_manager_containers"):
+        import threading
+        from collections import defaultdict
+
+        from torch._inductor import cudagraph_trees
+
+        local = cudagraph_trees.local  # what cudagraph_trees does for its importing thread, done for this one
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def _is_greedy(cfg: SamplingConfig) -> bool:

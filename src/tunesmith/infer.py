@@ -267,13 +267,22 @@ def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
         out_path = Path(args.result_path)
     else:
         root = next(iter(session.adapters.values())) if session.adapters else Path("output")
-        out_path = root / "infer_result" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        out_path = root / "infer_result" / f"{stamp}.jsonl"
+        n = 1
+        while out_path.exists():  # two batch runs within one second
+            n += 1
+            out_path = root / "infer_result" / f"{stamp}-{n}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for it in items:
-            c = gen.complete(gen.chat_prompt(it["messages"], session.system), cfg)
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise UserError(f"--max_batch_size {args.max_batch_size}: it must be at least 1.")
+    rows = args.max_batch_size or (16 if gen.model.lm_head_weight.device.type == "cuda" else 4)
+    prompts = [gen.chat_prompt(it["messages"], session.system) for it in items]
+    with open(out_path, "w", encoding="utf-8") as f:  # each answer is written (in input order) as soon as it is done
+        for it, c in zip(items, gen.complete_many(prompts, cfg, rows)):
             prompt = next(m["content"] for m in reversed(it["messages"]) if m["role"] == "user")
             f.write(json.dumps({"prompt": prompt, "response": c.text, "reference": it["reference"]},
                                ensure_ascii=False) + "\n")
+            f.flush()
     print(f"{len(items)} answers written to {out_path}")
     return 0

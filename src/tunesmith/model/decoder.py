@@ -216,6 +216,20 @@ class StaticKVCache:
         return self.k[layer][:, :, : self.kv_len], self.v[layer][:, :, : self.kv_len]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One new token per row against its cached keys: q (B, H, 1, hd), k/v (B, n_kv, L, hd), mask (B|1, 1, 1, L).
+
+    Written out instead of SDPA: the query heads sharing a KV head become that head's rows, so each cached key is
+    read once (SDPA's GQA path copies K/V per query head), and on Hopper a masked SDPA call goes to cuDNN, which
+    builds a new plan whenever L changes, that is at every step of a growing cache (measured: 14 tok/s eager)."""
+    B, H, _, hd = q.shape
+    n_kv = k.shape[1]
+    scores = torch.matmul(q.view(B, n_kv, H // n_kv, hd), k.transpose(-1, -2)).float() * hd**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(B, H, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -243,13 +257,10 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v, cache_pos)
-        if mask is None:  # plain causal over this chunk (no cache, no packing)
+        if cache is not None and T == 1:
+            y = decode_attention(q, k, v, mask)
+        elif mask is None:  # plain causal over this chunk (no cache, no packing)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif T == 1 and k.shape[1] != q.shape[1]:
-            # Decoding one token: the query heads sharing a KV head become that head's rows, so the masked kernel
-            # reads each cached key once instead of SDPA's GQA path copying K/V once per query head.
-            y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, hd), k, v, attn_mask=mask)
-            y = y.view(B, -1, 1, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -128,6 +128,11 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         m.active = name if (name is None or name in m.lora_A) else None
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter that runs now (None: the plain base model, or no LoRA at all)."""
+    return next((m.active for _, m in lora_modules(model) if m.active is not None), None)
+
+
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """PEFT-named tensors of one adapter."""
     out = {}

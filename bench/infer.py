@@ -1,0 +1,308 @@
+"""Inference speed on the GPU: tunesmith vs HF transformers in the same run. JSON lines out.
+
+    PYTHONPATH=src python bench/infer.py --model-dir DIR [--parts load decode server] [--layers 28]
+
+DIR holds a Qwen2.5-7B-Instruct config and tokenizer (../shared/tools/make_qwen25_dir.py --full --no-weights);
+random bf16 weights of those exact shapes are written into it first when it has none (speed does not depend on
+values). Parts:
+  load    seconds to load the saved checkpoint onto the GPU, page cache warm: tunesmith's load_model vs
+          transformers' from_pretrained(device_map="cuda").
+  decode  batch 1, greedy, 256 new tokens (min_new_tokens so every run is 256 long), prompts of 64 and 1,024
+          tokens: time to first token (prefill + first sample) and decode tok/s after it. tunesmith's Generator
+          (static KV cache + CUDA-graph step) vs HF generate plain (dynamic cache) and with its static cache; also
+          how many of the 256 greedy tokens the compiled path shares with tunesmith's eager dynamic-cache path.
+  server  16 concurrent streamed /v1/completions requests (64-token prompts, 256 tokens each) through the real
+          `tunesmith deploy` app (uvicorn + httpx): aggregate completion tok/s; beside it HF generate on a batch of
+          the same 16 prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+NEW = 256
+DEVICE = "cuda"
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+def write_weights(model_dir: Path, layers: int) -> None:
+    """Random bf16 weights in HF naming (tunesmith's parameter names are HF's), 4 GB shards + index."""
+    from safetensors.torch import save_file
+
+    from tunesmith.model.decoder import Decoder, ModelConfig
+
+    cfg_dict = json.loads((model_dir / "config.json").read_text())
+    cfg_dict["num_hidden_layers"] = layers
+    (model_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    t0 = time.time()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = Decoder(ModelConfig.from_hf(cfg_dict)).to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.data.normal_(0.0, 0.02)
+    state = {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
+    shards, cur, size, index = [], {}, 0, {}
+    for k, v in state.items():
+        if size + v.numel() * 2 > 4e9 and cur:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.numel() * 2
+    shards.append(cur)
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in shard.items()}, str(model_dir / name), metadata={"format": "pt"})
+        index.update({k: name for k in shard})
+    total = sum(v.numel() * 2 for v in state.values())
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    del model, state, shards, cur
+    free()
+    emit({"event": "weights_written", "gb": round(total / 1e9, 2), "seconds": round(time.time() - t0, 1)})
+
+
+def warm_page_cache(model_dir: Path) -> None:
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+
+def free() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def gib() -> float:
+    return round(torch.cuda.memory_allocated() / 2**30, 1) if DEVICE == "cuda" else 0.0
+
+
+def bench_load(model_dir: Path) -> None:
+    import transformers
+
+    from tunesmith.model.load import load_model
+
+    warm_page_cache(model_dir)
+    for rep in range(2):
+        s, lm = sync_time(lambda: load_model(str(model_dir), "bfloat16", DEVICE))
+        emit({"part": "load", "impl": "tunesmith", "rep": rep, "seconds": round(s, 2),
+              "gib": gib()})
+        del lm
+        free()
+    for rep in range(2):
+        s, m = sync_time(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.bfloat16, device_map=DEVICE))
+        emit({"part": "load", "impl": "hf", "rep": rep, "seconds": round(s, 2)})
+        del m
+        free()
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 150000, (n,), generator=g).tolist()
+
+
+def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
+    import transformers
+
+    from tunesmith.generate import Generator, SamplingConfig
+    from tunesmith.model.load import load_model
+
+    lm = load_model(str(model_dir), "bfloat16", DEVICE)
+    fast, plain = Generator(lm), Generator(lm, compiled=False)
+    first = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    full = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)
+    if not skip_hf:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
+                                                               device_map=DEVICE)
+        hf.generation_config.eos_token_id = lm.eos_token_ids
+        hf.generation_config.pad_token_id = 0
+    results = {}
+    for plen in (64, 1024):
+        ids = prompt_ids(plen, plen)
+        t0 = time.perf_counter()
+        want = fast.complete(ids, full)  # warm-up: compiles and records the CUDA graph
+        emit({"part": "decode", "impl": "tunesmith", "prompt": plen, "event": "warmup",
+              "seconds": round(time.perf_counter() - t0, 1)})
+        for name, gen, n in (("tunesmith", fast, runs), ("tunesmith-eager", plain, 1)):
+            ttft = statistics.median(sync_time(lambda: gen.complete(ids, first))[0] for _ in range(n))
+            total, out = min((sync_time(lambda: gen.complete(ids, full)) for _ in range(n)), key=lambda x: x[0])
+            assert out.completion_tokens == NEW, out.completion_tokens
+            results[(name, plen)] = out.token_ids
+            emit({"part": "decode", "impl": name, "prompt": plen, "new": NEW, "ttft_ms": round(ttft * 1000, 1),
+                  "decode_tok_s": round((NEW - 1) / (total - ttft), 1), "total_s": round(total, 3)})
+        # Random weights give nearly flat logits, so free-running greedy paths part at the first near-tie; the
+        # check that means something is teacher-forced: the eager model's argmax along the compiled answer.
+        got = results[("tunesmith", plen)]
+        with torch.inference_mode():
+            h = lm.model(torch.tensor([ids + got[:-1]], device=DEVICE))[0, plen - 1 :]
+            top = lm.model.logits(h).float().topk(2)
+        agree = top.indices[:, 0].cpu() == torch.tensor(got)
+        clear = (top.values[:, 0] - top.values[:, 1]).cpu() > 0.05
+        emit({"part": "decode", "check": "eager argmax along the compiled greedy answer", "prompt": plen,
+              "agree": int(agree.sum()), "of": NEW, "agree_where_top2_gap_gt_0.05": int((agree & clear).sum()),
+              "gap_gt_0.05": int(clear.sum()), "first_free_running_difference": next(
+                  (i for i, (a, b) in enumerate(zip(got, results[("tunesmith-eager", plen)])) if a != b), NEW)})
+        cache = fast._static_cache()
+        tok, p = torch.tensor([[1]], device=DEVICE), torch.tensor([[plen]], device=DEVICE)
+        step = lambda: [fast._compiled_step(tok, p, cache) for _ in range(100)]  # noqa: E731
+        step()
+        emit({"part": "decode", "impl": "tunesmith", "prompt": plen, "graph_step_only_ms": round(
+            sync_time(step)[0] * 10, 3)})
+        if skip_hf:
+            continue
+        x = torch.tensor([ids], device=DEVICE)
+        for name, extra in (("hf-plain", {}), ("hf-static", {"cache_implementation": "static"})):
+            kw = dict(do_sample=False, **extra)
+            with torch.inference_mode():
+                hf.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, **kw)  # warm-up (compiles for static)
+                ttft = statistics.median(
+                    sync_time(lambda: hf.generate(x, max_new_tokens=1, **kw))[0] for _ in range(runs))
+                total, out = min((sync_time(lambda: hf.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, **kw))
+                                  for _ in range(runs)), key=lambda r: r[0])
+            toks = out[0, plen:].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(toks, results[("tunesmith", plen)])) if a != b), NEW)
+            emit({"part": "decode", "impl": name, "prompt": plen, "new": len(toks), "ttft_ms": round(ttft * 1000, 1),
+                  "decode_tok_s": round((NEW - 1) / (total - ttft), 1), "total_s": round(total, 3),
+                  "same_greedy_prefix_as_tunesmith": same})
+    del lm, fast, plain
+    hf = None
+    free()
+
+
+def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
+    import httpx
+    import uvicorn
+
+    from tunesmith.args import DeployArgs
+    from tunesmith.infer import load_for_generation
+    from tunesmith.serve.app import create_app
+
+    # HF first: CUDA-graph trees keep per-thread state, and the server's engine thread must not be the first user
+    prompts = [prompt_ids(64, 1000 + i) for i in range(streams)]
+    import transformers
+
+    hf = None if skip_hf else transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16, device_map=DEVICE)
+    x = torch.tensor(prompts, device=DEVICE)
+    for name, extra in () if skip_hf else (("hf-plain", {}), ("hf-static", {"cache_implementation": "static"})):
+        hf.generation_config.pad_token_id = 0
+        with torch.inference_mode():
+            hf.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **extra)
+            wall, out = sync_time(lambda: hf.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                                      **extra))
+        tokens = (out.shape[1] - 64) * streams
+        emit({"part": "server", "impl": f"{name} generate batch {streams}", "completion_tokens": tokens,
+              "wall_s": round(wall, 2), "aggregate_tok_s": round(tokens / wall, 1)})
+
+    del hf
+    free()
+
+    args = DeployArgs(model=str(model_dir), torch_dtype="bfloat16", device=DEVICE, max_num_seqs=streams,
+                      max_concurrency=64, max_model_len=2048)
+    app = create_app(lambda: load_for_generation(args), args)
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "server did not become ready"
+        time.sleep(0.5)
+    batch = app.state.backend.engine.batch
+
+    async def one(client, ids) -> tuple[int, float]:
+        body = {"prompt": ids, "max_tokens": NEW, "min_tokens": NEW, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0, first, tokens = time.perf_counter(), None, 0
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices"):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return tokens, first or 0.0
+
+    async def wave():
+        async with httpx.AsyncClient(timeout=600) as client:
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(one(client, p) for p in prompts))
+            return time.perf_counter() - t0, res
+
+    for rep in range(3):  # the first wave compiles the 16-row step
+        steps0, busy0 = batch.steps, batch.step_seconds
+        wall, res = asyncio.run(wave())
+        tokens = sum(t for t, _ in res)
+        steps, busy = batch.steps - steps0, batch.step_seconds - busy0
+        emit({"part": "server", "impl": "tunesmith deploy", "rep": rep, "streams": streams,
+              "completion_tokens": tokens, "wall_s": round(wall, 2), "aggregate_tok_s": round(tokens / wall, 1),
+              "median_ttft_ms": round(statistics.median(f for _, f in res) * 1000, 1), "decode_steps": steps,
+              "ms_per_step_in_engine": round(busy / max(steps, 1) * 1000, 2),
+              "share_of_wall_in_steps": round(busy / wall, 2)})
+    server.should_exit = True
+    time.sleep(2)
+    app.state.backend.engine.stop()
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--parts", nargs="+", default=["load", "decode", "server"])
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--no-hf", action="store_true", help="tunesmith only (the HF baselines were measured before)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the bench itself on a tiny model")
+    a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    emit({"event": "start", "device": name, "torch": torch.__version__, "parts": a.parts})
+    if not list(a.model_dir.glob("*.safetensors")):
+        write_weights(a.model_dir, a.layers)
+    for part in a.parts:
+        t0 = time.time()
+        {"load": lambda: bench_load(a.model_dir), "decode": lambda: bench_decode(a.model_dir, a.runs, a.no_hf),
+         "server": lambda: bench_server(a.model_dir, a.streams, a.no_hf)}[part]()
+        emit({"event": "part_done", "part": part, "seconds": round(time.time() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()
