@@ -339,11 +339,12 @@ class DecodeSlots:
         if not rows:
             return []
         t0 = time.perf_counter()
-        if self.g.compiled and self.device.type == "cuda":
+        graphs = self.g.compiled and self.device.type == "cuda"
+        if graphs:
             cudagraph_thread_setup()
         tokens = torch.tensor([[s.token if s else 0] for s in self.streams], device=self.device)
         step = self.g._compiled_step
-        if not self.g.compiled:  # eager: attend over the filled slots only
+        if not graphs:  # eager: attend over the filled slots only
             self.cache.kv_len = max(self.streams[b].pos for b in rows) + 1  # + 1: the token being fed
             step = self.g.model.forward_static
         groups: dict[str | None, list[int]] = {}
