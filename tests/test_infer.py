@@ -129,6 +129,31 @@ def test_batch_equals_single_with_stop_strings_and_repetition_penalty(smollm):
             (alone.text, alone.finish_reason, alone.token_ids)
 
 
+def test_incremental_detokenizing_equals_decoding_the_whole_answer(smollm):
+    """TextOut decodes a small window per token; the pieces must add up to decoding everything at once, for text,
+    for byte-level tokens that split characters, and for arbitrary ids, and a stop string still cuts exactly."""
+    from tunesmith.generate import TextOut
+
+    tok = smollm.tokenizer
+    g = torch.Generator().manual_seed(0)
+    cases = [tok.tok.encode("Hello there! 北京是中国的首都。 Ünïcödé ✓ " * 20).ids,
+             torch.randint(0, smollm.model.config.vocab_size, (400,), generator=g).tolist()]
+    for ids in cases:
+        out = TextOut(tok, ())
+        pieces = [out.push(t)[0] for t in ids] + [out.rest()]
+        assert "".join(pieces) == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces[:-1]) or "\ufffd" in tok.decode(ids)
+    ids = cases[0]
+    out = TextOut(tok, ("首都",))
+    text = ""
+    for t in ids:
+        piece, stopped = out.push(t)
+        text += piece
+        if stopped:
+            break
+    assert stopped and text + out.rest() == tok.decode(ids).split("首都")[0]
+
+
 def test_chinese_streams_whole_characters(smollm):
     gen = Generator(smollm)
     ids = gen.chat_prompt(user("请用中文介绍一下北京。"), system="请用中文回答。")
@@ -187,7 +212,10 @@ def test_chat_drops_oldest_turn_and_ends_at_eof():
 def test_ctrl_c_stops_the_answer_not_the_program():
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "infer", "--model", SMOLLM, "--temperature", "0",
                              "--max_new_tokens", "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            # a suite started in the background (`cmd &`) inherits SIGINT ignored, and so would
+                            # the chat: give it the default disposition a terminal gives, so Python's handler is set
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("Write a long story about a dragon.\n")
         proc.stdin.flush()
