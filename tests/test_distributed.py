@@ -116,7 +116,7 @@ def test_lora_ddp_matches_one_process_and_resumes(qwen_tiny_dir, data, tmp_path)
     b = load_file(str(one / "checkpoint-4" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
     # Killed after checkpoint-2, resumed on 2 processes: steps 3 and 4 as in the uninterrupted run.
     ckpt = resume_copy(two / "checkpoint-2", tmp_path / "resumed")
@@ -145,7 +145,7 @@ def test_full_fsdp_matches_one_process_and_resumes(qwen_tiny_dir, data, tmp_path
     original = load_file(str(qwen_tiny_dir / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"].float())
 
     # Killed after checkpoint-2, resumed on 2 processes (weights scattered from rank 0, shards read by DCP).
