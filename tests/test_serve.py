@@ -426,6 +426,8 @@ def test_deploy_command_errors_are_one_sentence(tmp_path, capsys):
     assert "no --model or --adapters" in capsys.readouterr().err
     assert main(["deploy", "--adapters", f"x={tmp_path / 'missing'}"]) == 1
     assert "no such checkpoint folder" in capsys.readouterr().err
+    assert main(["deploy", "--model", BASE, "--max_num_seqs", "0"]) == 1
+    assert "--max_num_seqs 0: it must be at least 1." in capsys.readouterr().err
     with socket.create_server(("127.0.0.1", 0)) as taken:
         assert main(["deploy", "--model", BASE, "--port", str(taken.getsockname()[1])]) == 1
         assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

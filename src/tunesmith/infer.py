@@ -250,6 +250,8 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise UserError(f"--max_batch_size {args.max_batch_size}: it must be at least 1.")
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:
@@ -274,8 +276,6 @@ def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
             n += 1
             out_path = root / "infer_result" / f"{stamp}-{n}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if args.max_batch_size is not None and args.max_batch_size < 1:
-        raise UserError(f"--max_batch_size {args.max_batch_size}: it must be at least 1.")
     rows = args.max_batch_size or (16 if gen.model.lm_head_weight.device.type == "cuda" else 4)
     prompts = [gen.chat_prompt(it["messages"], session.system) for it in items]
     with open(out_path, "w", encoding="utf-8") as f:  # each answer is written (in input order) as soon as it is done
