@@ -148,13 +148,10 @@ def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
                                                    if session.adapters else ""))
     print(HELP)
     while True:
-        try:
-            query = _read_query(multi)
-        except EOFError:
-            print()
+        query = _read(lambda: _read_query(multi))
+        if query is _EOF:
             return 0
-        except KeyboardInterrupt:
-            print()
+        if query is None:
             continue
         cmd = query.strip()
         if cmd in ("exit", "quit"):
@@ -164,14 +161,12 @@ def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
             print("history cleared")
             continue
         if cmd == "reset-system":
-            try:
-                session.system = input("new system prompt: ")
-            except EOFError:
-                print()
+            system = _read(lambda: input("new system prompt: "))
+            if system is _EOF:
                 return 0
-            except KeyboardInterrupt:
-                print()
+            if system is None:
                 continue
+            session.system = system
             history = []
             print("system prompt set; history cleared")
             continue
@@ -195,6 +190,19 @@ def chat_loop(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
 
 
 COMMANDS = ("clear", "reset-system", "multi-line", "single-line", "exit", "quit")
+_EOF = object()
+
+
+def _read(read):
+    """A line from `read`: None when Ctrl-C abandoned it (ask again), _EOF when the input has ended."""
+    try:
+        return read()
+    except EOFError:
+        print()
+        return _EOF
+    except KeyboardInterrupt:
+        print()
+        return None
 
 
 def _read_query(multi: bool) -> str:
