@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+import torch._functorch.config  # noqa: F401
 
 QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
@@ -46,8 +47,11 @@ def short_samples(n_tokens: int, seed: int = 0) -> list[int]:
     return lens
 
 
-def time_steps(step, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(median seconds per step, peak GiB)."""
+PROFILE: str | None = None  # --profile CASE: print where that case's step spends GPU time
+
+
+def time_steps(step, steps: int, warmup: int = 2, case: str = "") -> tuple[float, float, float]:
+    """(median seconds per step, peak GiB, seconds of the first step: compilation shows there)."""
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
@@ -55,9 +59,42 @@ def time_steps(step, steps: int, warmup: int = 2) -> tuple[float, float]:
         t = time.perf_counter()
         step()
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+        times.append(time.perf_counter() - t)
+    if case == PROFILE:
+        profile(step, case)
+    return statistics.median(times[warmup:]), torch.cuda.max_memory_allocated() / 2**30, times[0]
+
+
+KERNEL_KINDS = [  # (kind, regex on the kernel name), first match wins
+    ("attention", r"flash|fmha|cudnn|attention|sdpa"),
+    ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|ampere|cublas|splitk"),
+    ("triton", r"^triton"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("copy", r"copy|memcpy|memset|cat"),
+]
+
+
+def profile(step, case: str, steps: int = 3) -> None:
+    """Per-kernel GPU time of `steps` steps: the top 25 kernels and totals by kind, per step."""
+    import re
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    kinds: dict[str, float] = {}
+    for name, _, us in rows:
+        kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, name, re.I)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    emit({"profile": case, "gpu_ms_per_step": round(total / steps / 1e3, 1),
+          "by_kind_ms": {k: round(v / steps / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}})
+    for name, count, us in rows[:25]:
+        emit({"profile": case, "kernel": name[:110], "calls": count // steps, "ms": round(us / steps / 1e3, 2),
+              "share": round(us / total, 3)})
 
 
 def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
@@ -81,7 +118,14 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
         B, T = (1, 2048) if case.startswith("1x2048") else (4, 2048)
         ckpt = "+ckpt" in case
         if "+compile" in case:
-            model.compile_layers()  # stays compiled for later cases: list compiled cases last
+            # A fresh compile per case: a second shape would otherwise recompile with dynamic shapes.
+            # "+budgetX": AOTAutograd's activation memory budget (X = 0: recompute what it can in backward).
+            torch._dynamo.reset()
+            budget = next((float(t[6:]) for t in case.split("+") if t.startswith("budget")), 1.0)
+            torch._functorch.config.activation_memory_budget = budget
+            model.compile_layers(dynamic=False)  # as the trainer does; stays compiled for later cases
+        if "+park" in case:  # lean mode's embedding table in CPU memory (Decoder.park_embeddings)
+            model.park_embeddings("cpu")
         ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
         pos, seq = None, None
         labels = torch.roll(ids, -1, 1)
@@ -99,30 +143,226 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device="cuda"), seq[:, 1:] != seq[:, :-1]], 1)
             labels = labels.masked_fill(torch.roll(starts, -1, 1), IGNORE)
 
+        # "seq": the B rows go through one at a time, each with its own backward (gradient accumulation), as
+        # tunesmith's trainer runs packed rows; otherwise one (B, T) batch.
+        parts = [slice(b, b + 1) for b in range(B)] if "seq" in case else [slice(0, B)]
+
         def step():
-            h = model(ids, position_ids=pos, seq_ids=seq, checkpoint=ckpt)
             n = int((labels != IGNORE).sum())
-            loss = chunked_cross_entropy_sum(h, model.lm_head_weight, labels) / n
-            loss.backward()
+            for p in parts:
+                h = model(ids[p], position_ids=None if pos is None else pos[p],
+                          seq_ids=None if seq is None else seq[p], checkpoint=ckpt)
+                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p]) / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         model.train()
         try:
-            sec, mem = time_steps(step, steps)
+            sec, mem, first = time_steps(step, steps, case=case)
             tps = real / sec
             rec = {"impl": "tunesmith", "case": case, "tokens_per_s": round(tps), "mfu": round(tps * FLOP_PER_TOKEN / PEAK, 3),
-                   "peak_gib": round(mem, 2), "step_s": round(sec, 3)}
+                   "peak_gib": round(mem, 2), "step_s": round(sec, 3), "first_step_s": round(first, 1)}
         except torch.OutOfMemoryError:
             rec = {"impl": "tunesmith", "case": case, "error": "OOM"}
         emit(rec)
         out.append(rec)
+        model.park_embeddings("cuda")
         gc.collect()
         torch.cuda.empty_cache()
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def baseline_case(case: str) -> str:
+    """The HF+PEFT case a tunesmith case is compared with: the same tokens per step, HF's way of running them
+    (one batch; the lean mode against HF's gradient checkpointing)."""
+    base = case.replace("seq", "").replace("+compile", "").replace("+park", "")
+    return "+".join("ckpt" if t.startswith("budget") else t for t in base.split("+"))
+
+
+def bench_full(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
+    """Full fine-tuning: every weight trains (bf16 weights, gradients and AdamW states, fused AdamW), 4x2048."""
+    from tunesmith.model.decoder import Decoder, ModelConfig
+    from tunesmith.train.loss import chunked_cross_entropy_sum
+
+    cfg = ModelConfig.from_hf(cfg_dict)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Decoder(cfg).to(torch.bfloat16)
+    model.compile_layers()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda")
+    labels = torch.roll(ids, -1, 1)
+    out = []
+    for case in cases:
+        ckpt = "+ckpt" in case
+        parts = [slice(b, b + 1) for b in range(4)] if "seq" in case else [slice(0, 4)]
+
+        def step():
+            for p in parts:
+                h = model(ids[p], checkpoint=ckpt)
+                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p]) / labels.numel()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        model.train()
+        try:
+            sec, mem, first = time_steps(step, steps, case=case)
+            tps = ids.numel() / sec
+            # full FT also computes weight gradients: ~1.5x the LoRA FLOPs per token
+            rec = {"impl": "tunesmith", "case": case, "tokens_per_s": round(tps),
+                   "mfu": round(tps * FLOP_PER_TOKEN * 1.5 / PEAK, 3), "peak_gib": round(mem, 2),
+                   "step_s": round(sec, 3), "first_step_s": round(first, 1)}
+        except torch.OutOfMemoryError:
+            rec = {"impl": "tunesmith", "case": case, "error": "OOM"}
+        emit(rec)
+        out.append(rec)
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_attention(steps: int = 20) -> None:
+    """Forward + backward of one layer's attention at 4x2048 (Qwen2.5-7B heads: 28 query, 4 KV, dim 128) on each
+    backend this torch has; causal, and block-diagonal causal over packed short samples."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, KV, D = 4, 2048, 28, 4, 128
+    q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lens = short_samples(B * T)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[: B * T].view(B, T).cuda()
+    dense = ((seq[:, :, None] == seq[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device="cuda").tril())[:, None]
+
+    def doc_causal(b, h, qi, ki):
+        return (seq[b, qi] == seq[b, ki]) & (qi >= ki)
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    causal_bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T)
+    doc_bm = create_block_mask(doc_causal, B, None, T, T)
+
+    def run(name, fn):
+        def once():
+            fn().sum().backward()
+        try:
+            for _ in range(3):
+                once()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(steps):
+                once()
+            torch.cuda.synchronize()
+            emit({"attention": name, "ms_fwd_bwd": round((time.perf_counter() - t) / steps * 1e3, 3)})
+        except Exception as e:  # a backend that refuses these shapes says so and the rest still run
+            emit({"attention": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+    # First use of each new length (a short job's rows, a chat's prompts): SDPA's default backend (cuDNN on
+    # Hopper, kernels built at run time) vs the prebuilt kernels tunesmith's eager path keeps to.
+    from tunesmith.model.decoder import sdpa
+
+    for label, backends in (("default", None), ("tunesmith eager", True)):
+        for n in (301, 517, 1103):
+            qs, ks, vs = (t[:1, :, :n].detach().clone().requires_grad_(True) for t in (q, k, v))
+            m = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, None]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if backends:
+                sdpa(qs, ks, vs, m).sum().backward()
+                sdpa(qs, ks, vs, None).sum().backward()
+            else:
+                F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=True).sum().backward()
+                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).sum().backward()
+            torch.cuda.synchronize()
+            emit({"attention": f"first call at length {n}, masked + causal, {label}",
+                  "ms_fwd_bwd": round((time.perf_counter() - t0) * 1e3, 1)})
+
+    kx = lambda t: t.repeat_interleave(H // KV, 1)  # noqa: E731  (backends without GQA see expanded heads)
+    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        with sdpa_kernel([be]):
+            run(f"causal sdpa {be.name} gqa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+            run(f"causal sdpa {be.name} expanded", lambda: F.scaled_dot_product_attention(q, kx(k), kx(v), is_causal=True))
+            run(f"packed sdpa {be.name} expanded", lambda: F.scaled_dot_product_attention(q, kx(k), kx(v), attn_mask=dense))
+    run("packed sdpa default gqa", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True))
+    run("causal flex gqa", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True))
+    run("packed flex gqa", lambda: flex(q, k, v, block_mask=doc_bm, enable_gqa=True))
+
+
+def bench_check(cfg_dict: dict, layers: int = 2) -> None:
+    """The fast paths against their references on the GPU, bf16, Qwen2.5-7B layer shapes (2 layers), one packed
+    row of 2048 tokens, LoRA B randomized so every LoRA gradient is non-zero:
+      reference: eager layers, SDPA with the dense block-diagonal mask, torch's checkpoint-free autograd, and
+                 F.cross_entropy over the full logits;
+      fast:      compiled layers (static shapes), FlexAttention block mask, chunked lm_head + CE with gradients
+                 made in the forward, and the lean mode's zero activation budget.
+    Emits the relative error (max |fast - ref| / max |ref|) of the loss and the worst LoRA gradient."""
+    import torch.nn.functional as F
+
+    from tunesmith.data.packing import IGNORE
+    from tunesmith.model.decoder import Decoder, ModelConfig
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+    from tunesmith.train.loss import chunked_cross_entropy_sum
+
+    cfg = ModelConfig.from_hf(dict(cfg_dict, num_hidden_layers=layers))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Decoder(cfg).to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.data.normal_(0.0, 0.02)
+    model.requires_grad_(False)
+    apply_lora(model, LoraConfig(8, 32, 0.0))
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B["default"].weight.normal_(0.0, 0.01)
+    T = 2048
+    lens = short_samples(T)
+    ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[:T].view(1, T).cuda()
+    pos = torch.cat([torch.arange(n) for n in lens])[:T].view(1, T).cuda()
+    labels = torch.roll(ids, -1, 1)
+    starts = torch.cat([torch.ones(1, 1, dtype=torch.bool, device="cuda"), seq[:, 1:] != seq[:, :-1]], 1)
+    labels = labels.masked_fill(torch.roll(starts, -1, 1), IGNORE)
+
+    def run(fast: bool, budget: float = 1.0):
+        model.zero_grad(set_to_none=True)
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            h = model(ids, position_ids=pos, seq_ids=seq)
+        if fast:
+            loss = chunked_cross_entropy_sum(h, model.lm_head_weight, labels)
+        else:
+            loss = F.cross_entropy(model.logits(h).float().flatten(0, 1), labels.flatten(), reduction="sum",
+                                   ignore_index=IGNORE)
+        (loss / 1000).backward()
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    def compare(name, a, b):
+        rel = max(((a[1][n] - b[1][n]).abs().max() / b[1][n].abs().max()).item() for n in b[1])
+        emit({"check": name, "loss_rel_err": abs(a[0] - b[0]) / abs(b[0]), "lora_grad_rel_err_max": round(rel, 4)})
+
+    model.train()
+    ref = run(False)
+    again = run(False)
+    compare("reference run twice (bf16 nondeterminism floor)", again, ref)
+    model.compile_layers(dynamic=False)
+    fast = run(True)
+    compare("compiled + flex + fused lm_head/CE", fast, ref)
+    torch._dynamo.reset()
+    model.compile_layers(dynamic=False)
+    lean = run(True, budget=0.0)
+    compare("lean: same + zero activation budget", lean, ref)
+    torch._dynamo.reset()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def bench_hf(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
@@ -175,7 +415,7 @@ def bench_hf(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         try:
-            sec, mem = time_steps(step, steps)
+            sec, mem, _ = time_steps(step, steps, case="hf:" + case)
             tps = real / sec
             rec = {"impl": "hf+peft", "case": case, "tokens_per_s": round(tps), "mfu": round(tps * FLOP_PER_TOKEN / PEAK, 3),
                    "peak_gib": round(mem, 2), "step_s": round(sec, 3)}
@@ -193,17 +433,31 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (28 = the real 7B)")
     ap.add_argument("--steps", type=int, default=6, help="measured steps per case (after 2 warm-up)")
     ap.add_argument("--only", choices=("tunesmith", "hf"), help="run one side only")
-    ap.add_argument("--cases", nargs="+", default=["1x2048", "4x2048", "4x2048+ckpt", "packed", "packed+ckpt"])
+    ap.add_argument("--cases", nargs="*", default=["1x2048", "4x2048", "4x2048+ckpt", "packed", "packed+ckpt"])
+    ap.add_argument("--full", nargs="*", default=[], help="full fine-tuning cases, e.g. full-4x2048+compile")
+    ap.add_argument("--attention", action="store_true", help="also time attention backends alone")
+    ap.add_argument("--check", action="store_true", help="first compare the fast paths with their references")
+    ap.add_argument("--profile", metavar="CASE", help="per-kernel GPU time of this case (hf:CASE for the baseline)")
     a = ap.parse_args()
+    global PROFILE
+    PROFILE = a.profile
     cfg = dict(QWEN25_7B, num_hidden_layers=a.layers)
     emit({"event": "env", "torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "layers": a.layers})
-    ours = [] if a.only == "hf" else bench_tunesmith(cfg, a.steps, a.cases)
-    base = [] if a.only == "tunesmith" else bench_hf(cfg, a.steps, a.cases)
+    if a.check:
+        bench_check(cfg)
+    if a.attention:
+        bench_attention()
+    ours = [] if a.only == "hf" or not a.cases else bench_tunesmith(cfg, a.steps, a.cases)
+    if a.full:
+        bench_full(cfg, a.steps, a.full)
+    hf_cases = list(dict.fromkeys(baseline_case(c) for c in a.cases))  # HF's way of running the same tokens
+    base = [] if a.only == "tunesmith" or not a.cases else bench_hf(cfg, a.steps, hf_cases)
     by_case = {r["case"]: r for r in base if "tokens_per_s" in r}
     for r in ours:
-        b = by_case.get(r["case"])
+        b = by_case.get(baseline_case(r["case"]))
         if b and "tokens_per_s" in r:
-            emit({"case": r["case"], "speedup_vs_hf_peft": round(r["tokens_per_s"] / b["tokens_per_s"], 2),
+            emit({"case": r["case"], "vs_hf_case": b["case"],
+                  "speedup_vs_hf_peft": round(r["tokens_per_s"] / b["tokens_per_s"], 2),
                   "memory_ratio": round(r["peak_gib"] / b["peak_gib"], 2)})
     return 0
 

@@ -17,10 +17,12 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tunesmith.args import GenArgs, SftArgs
@@ -285,19 +287,35 @@ def test_packed_and_unpacked_rows_give_same_loss_and_lora_grads(qwen_tiny_dir):
     assert 1 < len(packed) < len(unpacked) == len(samples)
     assert sum(r.n_samples for r in packed) == len(samples) and any(r.seq_ids is not None for r in packed)
 
+    # The compiled GPU path pads rows to a multiple of 64 tokens: the padding is a sample of its own, unlabelled.
+    padded = [r.padded(64) for r in packed]
+    assert all(r.input_ids.shape[1] % 64 == 0 for r in padded) and padded[0].input_ids.shape != packed[0].input_ids.shape
+
     results = []
-    for rows in (unpacked, packed):
+    for rows in (unpacked, packed, padded):
         model.zero_grad(set_to_none=True)
         loss = mean_loss(model, rows, n_sup)
         loss.backward()
         results.append((loss.item(), lora_grads(model)))
-    (l_u, g_u), (l_p, g_p) = results
-    # fp32; only the summation order differs (different row shapes): 1e-6 relative on the loss, 1e-5 on grads.
-    assert l_p == pytest.approx(l_u, rel=1e-6)
-    assert g_u.keys() == g_p.keys() and len(g_u) == 2 * 7 * 2
-    for n in g_u:
-        torch.testing.assert_close(g_p[n], g_u[n], rtol=1e-5, atol=1e-7, msg=n)
+    (l_u, g_u) = results[0]
+    for l_p, g_p in results[1:]:
+        # fp32; only the summation order differs (different row shapes): 1e-6 relative on the loss, 1e-5 on grads.
+        assert l_p == pytest.approx(l_u, rel=1e-6)
+        assert g_u.keys() == g_p.keys() and len(g_u) == 2 * 7 * 2
+        for n in g_u:
+            torch.testing.assert_close(g_p[n], g_u[n], rtol=1e-5, atol=1e-7, msg=n)
     assert all(g.abs().max() > 0 for g in g_u.values())
+
+    # ... and attends through FlexAttention's block mask instead of SDPA's dense mask. FlexAttention has no
+    # backward on the CPU, so here the forward (its gradients are compared on the GPU: bench/train.py --check).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention without torch.compile says it is a debugging mode
+        model.use_flex = True
+        try:
+            l_flex = mean_loss(model, padded, n_sup).item()
+        finally:
+            model.use_flex = False
+    assert l_flex == pytest.approx(l_u, rel=1e-6)
 
     # The check can fail: the same packed rows without per-sample attention and positions give another loss.
     with torch.no_grad():
@@ -309,6 +327,35 @@ def test_packed_and_unpacked_rows_give_same_loss_and_lora_grads(qwen_tiny_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # 7. Loss normalization over the accumulated batch (and the loop's packed == unpacked)
 # ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_loss_gives_cross_entropy_and_its_gradients(dtype, tol):
+    """train/loss.py makes the lm_head/CE gradients in the forward pass, chunk by chunk; they must be autograd's
+    over full logits: loss, d/dhidden and d/dlm_head (full fine-tuning trains it), ignored labels skipped."""
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(2, 37, 24, generator=g)
+    w0 = torch.randn(301, 24, generator=g) * 0.3
+    y = torch.randint(0, 301, (2, 37), generator=g)
+    y[0, :9] = IGNORE
+    y[1, -3:] = IGNORE
+
+    def run(fn):
+        h, w = h0.to(dtype).requires_grad_(True), w0.to(dtype).requires_grad_(True)
+        loss = fn(h, w)
+        (loss * 0.37).backward()  # an upstream scale, as the loop's / n_supervised
+        return loss.detach().float(), h.grad.float(), w.grad.float()
+
+    ours = run(lambda h, w: chunked_cross_entropy_sum(h, w, y, chunk=16))  # 3 full chunks and a partial one
+    ref = run(lambda h, w: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten(), reduction="sum",
+                                           ignore_index=IGNORE))
+    for a, b, what in zip(ours, ref, ("loss", "d hidden", "d lm_head")):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"{what}: relative error {err:.2e} (tolerance {tol})"
+    assert ours[1][0, :8].abs().max() == 0  # positions before the first supervised label get no gradient
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        assert torch.allclose(chunked_cross_entropy_sum(h0.to(dtype), w0.to(dtype), y, chunk=16).float(),
+                              ours[0], rtol=tol)
+
 
 def test_step_loss_is_token_weighted_mean_over_accumulated_batch(qwen_tiny_dir, tmp_path):
     convs = tiny_convs()

@@ -68,6 +68,8 @@ class SftArgs(ModelArgs):
     model_name: list = many("name for the self-cognition data: one value, or Chinese then English", nargs="+")
     resume_from_checkpoint: str | None = opt(None, "continue a run from its checkpoint folder")
     gradient_checkpointing: bool | None = opt(None, "recompute activations in backward (default: on for GPU)")
+    torch_compile: bool | None = opt(None, "compile the decoder layers (default: on GPU when the run is long "
+                                           "enough to win back the compile time)")
     packing: bool | None = opt(None, "pack samples into rows of --max_length (default: on; exact, see README)")
     eval_identity: bool = opt(False, "run the identity + retention report at the end of training")
     data_seed: int | None = opt(None, "seed for data sampling and order (default: --seed)")

@@ -41,6 +41,19 @@ class Row:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Row(mv(self.input_ids), mv(self.labels), mv(self.position_ids), mv(self.seq_ids), self.n_samples)
 
+    def padded(self, multiple: int) -> "Row":
+        """The row lengthened to a multiple of `multiple` tokens, so a compiled model sees few distinct shapes.
+        The padding is a sample of its own (it attends only to itself) with no labels: the loss is unchanged."""
+        T = self.input_ids.shape[1]
+        n = -T % multiple
+        if n == 0:
+            return self
+        seq = self.seq_ids if self.seq_ids is not None else torch.zeros_like(self.input_ids)
+        pad = lambda t, v: torch.cat([t, torch.full((1, n), v, dtype=t.dtype, device=t.device)], 1)  # noqa: E731
+        return Row(pad(self.input_ids, 0), pad(self.labels, IGNORE),
+                   torch.cat([self.position_ids, torch.arange(n, device=seq.device)[None]], 1),
+                   pad(seq, self.n_samples), self.n_samples)
+
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
     """`--system` applies to conversations that carry no system message of their own."""

@@ -8,6 +8,7 @@ supervised tokens, however the samples are packed into rows, so packing changes 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imported by `import torch`)
 
 from tunesmith.args import SftArgs, to_dict
 from tunesmith.data.packing import Sample, encode_dataset, pack_samples
@@ -113,8 +115,14 @@ class Trainer:
         self.warmup = math.ceil(args.warmup_ratio * self.total_steps)
         self.checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None \
             else auto_checkpointing(self.model, device)
-        if device.type == "cuda":
-            self.model.compile_layers()  # bench/train.py: 13.3k -> 16.5k tok/s at 4x2048 on the H200
+        self.compiled = args.torch_compile if args.torch_compile is not None \
+            else auto_compile(device, self.total_steps * self.group * mean_length(train))
+        if self.compiled:
+            # bench/train.py: 13.3k -> 16.5k tok/s at 4x2048 on the H200. Static shapes: rows are padded to a
+            # multiple of PAD_MULTIPLE tokens, each length compiles once (recompiles allowed for all of them).
+            self.model.compile_layers(dynamic=False)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       4 * (args.max_length // PAD_MULTIPLE + 1))
         self.lora_cfg = LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.target_modules))
         self.lora_names: list[str] = []
         if args.train_type == "lora":
@@ -122,9 +130,17 @@ class Trainer:
             self.lora_names = apply_lora(self.model, self.lora_cfg)
         else:
             self.model.requires_grad_(True)
+        # Lean mode of a LoRA run on the GPU: the embedding table waits in CPU memory (Decoder.park_embeddings).
+        self.parked = (self.checkpointing and device.type == "cuda" and args.train_type == "lora"
+                       and not self.model.config.tie_embeddings and self.dp.world == 1)
+        if self.parked:
+            self.model.park_embeddings("cpu")
         self.parallel_model = self.dp.wrap(self.model, full=args.train_type == "full")  # before the optimizer
+        # fused: one kernel for all parameters (foreach would also hold a temporary copy of them: 15 GB for a
+        # full fine-tune of a 7B); not under FSDP, whose DTensor shards take the foreach path.
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.learning_rate,
-                                           betas=(0.9, 0.999), eps=1e-8)
+                                           betas=(0.9, 0.999), eps=1e-8,
+                                           fused=device.type == "cuda" and self.dp.world == 1)
         self.step = 0
         self.log = RunLog(run_dir, self.total_steps, quiet=quiet) if self.dp.is_main else SilentLog()
         self.best: tuple[float, Path] | None = None
@@ -143,13 +159,25 @@ class Trainer:
     def loss_sum(self, rows) -> tuple[torch.Tensor, int]:
         total, n_tokens = None, 0
         for row in rows:
+            n_tokens += row.input_ids.numel()
+            if self.compiled:
+                row = row.padded(PAD_MULTIPLE)
             row = row.to(self.device)
-            h = self.parallel_model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
-                                    checkpoint=self.checkpointing)
+            with self.recompute_scope():
+                h = self.parallel_model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
+                                        checkpoint=self.checkpointing and not self.compiled)
             s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels)
             total = s if total is None else total + s
-            n_tokens += row.input_ids.numel()
         return total, n_tokens
+
+    def recompute_scope(self):
+        """Lean mode of compiled layers: rather than torch's checkpoint (which reruns each whole layer),
+        AOTAutograd's partitioner with a zero activation budget keeps only each layer's input and recomputes in
+        backward just what backward reads, so never the o_proj/down_proj outputs (bench/train.py, 4x2048 rows
+        one by one on the H200: 11.8k tok/s at 16.8 GiB; torch's checkpoint 7.2k)."""
+        if self.checkpointing and self.compiled:
+            return torch._functorch.config.patch(activation_memory_budget=0.0)
+        return contextlib.nullcontext()
 
     def train_step(self) -> dict:
         args, dp = self.args, self.dp
@@ -303,6 +331,9 @@ class Trainer:
                 last_ckpt = self.save(eval_loss)
                 self.log.plot()
         self.log.close()
+        if self.parked:
+            self.model.park_embeddings(self.device)
+            self.parked = False
         return last_ckpt
 
 
@@ -314,6 +345,21 @@ def auto_checkpointing(model, device: torch.device) -> bool:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info(device)
     return free < 4 * weights
+
+
+# Compiling the layers costs tens of seconds once and saves ~15 us per token (bench/train.py on the H200: 13.3k
+# -> 16.5k tok/s at 4x2048), so it pays from a few million tokens on; the tutorial's seed job (8 short rows x 10
+# epochs, ~10k tokens) would spend most of its wall time compiling.
+COMPILE_PAYS_TOKENS = 3_000_000
+PAD_MULTIPLE = 256  # compiled runs see rows of few distinct lengths: max_length / 256 at most
+
+
+def auto_compile(device: torch.device, planned_tokens: float) -> bool:
+    return device.type == "cuda" and planned_tokens >= COMPILE_PAYS_TOKENS
+
+
+def mean_length(samples: list[Sample]) -> float:
+    return sum(len(s.input_ids) for s in samples) / max(1, len(samples))
 
 
 def peak_memory_gib(device: torch.device) -> float:
