@@ -80,7 +80,9 @@ def main() -> int:
                            capture_output=True, check=True)
             import pstats
 
-            pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(45)
+            stats = pstats.Stats(str(prof)).sort_stats("cumulative")
+            stats.print_stats("tunesmith|safetensors|cuda/__init__|optim", 40)  # our phases, load, CUDA start
+            stats.sort_stats("tottime").print_stats(15)
     return 0
 
 
