@@ -116,6 +116,8 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     out = []
     for case in cases:
         B, T = (1, 2048) if case.startswith("1x2048") else (4, 2048)
+        if case.startswith("short"):  # the tutorial's seed step: 8 short samples packed into one row
+            B, T = 1, 8 * 110
         ckpt = "+ckpt" in case
         if "+compile" in case:
             # A fresh compile per case: a second shape would otherwise recompile with dynamic shapes.
@@ -131,8 +133,8 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
         labels = torch.roll(ids, -1, 1)
         labels[:, -1] = IGNORE
         real = B * T
-        if case.startswith("packed"):
-            lens = short_samples(B * T)
+        if case.startswith(("packed", "short")):
+            lens = short_samples(B * T) if case.startswith("packed") else [110] * 8
             # laid end to end over 4 rows of 2048; a sample crossing a row end is cut there
             flat_pos, flat_seq = [], []
             for k, n in enumerate(lens):
