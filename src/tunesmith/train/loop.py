@@ -13,6 +13,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -362,6 +363,21 @@ def mean_length(samples: list[Sample]) -> float:
     return sum(len(s.input_ids) for s in samples) / max(1, len(samples))
 
 
+def prewarm() -> None:
+    """Imports the run needs later, made while the model loads (shard reads and host-to-GPU copies leave the
+    interpreter free): torch.optim's first use imports torch._dynamo and sympy, the run log TensorBoard, the
+    loss plot matplotlib. About 2 s of the tutorial's seed job (bench/seed_job.py) otherwise in series."""
+    import importlib
+
+    try:
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch.utils.tensorboard")
+        importlib.import_module("matplotlib").use("Agg")  # the plot's backend (RunLog.plot): no display
+        importlib.import_module("matplotlib.pyplot")
+    except Exception:  # noqa: BLE001  (a missing optional module is imported, and reported, where used)
+        pass
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -393,7 +409,10 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
+        warm = threading.Thread(target=prewarm, daemon=True)
+        warm.start()
         lm = load_model(args.model, args.torch_dtype, device)
+        warm.join()
     if args.template:
         from tunesmith.infer import override_template
 
