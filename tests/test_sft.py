@@ -287,12 +287,15 @@ def test_packed_and_unpacked_rows_give_same_loss_and_lora_grads(qwen_tiny_dir):
     assert 1 < len(packed) < len(unpacked) == len(samples)
     assert sum(r.n_samples for r in packed) == len(samples) and any(r.seq_ids is not None for r in packed)
 
-    # The compiled GPU path pads rows to a multiple of 64 tokens: the padding is a sample of its own, unlabelled.
+    # The compiled GPU path pads rows to a multiple of 64 tokens: the padding is a sample of its own, unlabelled
+    # (also for a row of one sample, which has no seq_ids until padded).
     padded = [r.padded(64) for r in packed]
     assert all(r.input_ids.shape[1] % 64 == 0 for r in padded) and padded[0].input_ids.shape != packed[0].input_ids.shape
+    padded_single = [r.padded(64) for r in unpacked]
+    assert unpacked[0].seq_ids is None and padded_single[0].seq_ids is not None
 
     results = []
-    for rows in (unpacked, packed, padded):
+    for rows in (unpacked, packed, padded, padded_single):
         model.zero_grad(set_to_none=True)
         loss = mean_loss(model, rows, n_sup)
         loss.backward()
