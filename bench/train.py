@@ -1,13 +1,23 @@
 """Training throughput on the GPU: tunesmith vs HF transformers + PEFT, same shapes, same run. JSON lines out.
 
-    PYTHONPATH=src python bench/train.py [--layers 28] [--steps 6] [--only tunesmith|hf]
+    PYTHONPATH=src python bench/train.py [--layers 28] [--steps 6] [--only tunesmith|hf] [--cases CASE ...]
+                                         [--check] [--attention] [--profile CASE] [--full FULLCASE ...]
 
 Random weights with Qwen2.5-7B-Instruct's exact shapes (speed does not depend on values), LoRA r8 alpha 32
-all-linear, dropout 0, bf16, AdamW. Cases: 1x2048, 4x2048 (with and without activation checkpointing), and a
-packed stream of short samples (60-300 tokens, like identity/alpaca rows): tunesmith packs them into 4x2048
-rows with block-diagonal attention; the baseline runs them as padded batches of 16 (HF's default collator).
+all-linear, dropout 0, bf16, AdamW; 8,192 tokens per step. A case names its tokens and how they run, joined by +:
+  1x2048 | 4x2048 | packed (short samples, 60-300 tokens, laid into 4 rows of 2048 with block-diagonal attention;
+  HF runs them as padded batches of 16, its default collator) | short (the seed job's step: 8 x 110 tokens, 1 row)
+  seq        rows one at a time with gradient accumulation, as `tunesmith sft` runs packed rows (else one batch)
+  compile    compiled decoder layers (static shapes, FlexAttention for packed rows), as the trainer on long runs
+  ckpt       torch's activation checkpointing of whole layers
+  budgetX    AOTAutograd activation memory budget X (budget0: the trainer's lean mode with compiled layers)
+  park       the embedding table in CPU memory (the trainer's lean mode)
+HF runs each case's counterpart (`baseline_case`: one batch; lean mode against HF's gradient checkpointing).
+--check compares the fast paths with their references first (loss, LoRA gradients); --attention times attention
+backends and the first call at new lengths; --profile CASE prints that case's GPU time per kernel and kind;
+--full runs full fine-tuning cases (full-4x2048+compile, full-4x2048seq+ckpt+compile).
 tokens/s is the median over measured steps after warm-up, counting real (non-pad) tokens; MFU uses ~29.5 GFLOP
-per token (LoRA-7B at 2048) against 989 TFLOP/s.
+per token (LoRA-7B at 2048; x1.5 for full fine-tuning) against 989 TFLOP/s.
 """
 
 from __future__ import annotations
