@@ -75,6 +75,23 @@ def time_steps(step, steps: int, warmup: int = 2, case: str = "") -> tuple[float
     return statistics.median(times[warmup:]), torch.cuda.max_memory_allocated() / 2**30, times[0]
 
 
+def measure(impl: str, case: str, step, tokens: int, steps: int, flop_scale: float = 1.0) -> dict:
+    """Time `step` (tokens real tokens each), emit and return its JSON line; out of memory is a result too."""
+    try:
+        sec, mem, first = time_steps(step, steps, case=case if impl == "tunesmith" else "hf:" + case)
+    except torch.OutOfMemoryError:
+        rec = {"impl": impl, "case": case, "error": "OOM"}
+    else:
+        tps = tokens / sec
+        rec = {"impl": impl, "case": case, "tokens_per_s": round(tps),
+               "mfu": round(tps * FLOP_PER_TOKEN * flop_scale / PEAK, 3), "peak_gib": round(mem, 2),
+               "step_s": round(sec, 3), "first_step_s": round(first, 1)}
+    emit(rec)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rec
+
+
 KERNEL_KINDS = [  # (kind, regex on the kernel name), first match wins
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
     ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|ampere|cublas|splitk"),
@@ -169,18 +186,8 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             opt.zero_grad(set_to_none=True)
 
         model.train()
-        try:
-            sec, mem, first = time_steps(step, steps, case=case)
-            tps = real / sec
-            rec = {"impl": "tunesmith", "case": case, "tokens_per_s": round(tps), "mfu": round(tps * FLOP_PER_TOKEN / PEAK, 3),
-                   "peak_gib": round(mem, 2), "step_s": round(sec, 3), "first_step_s": round(first, 1)}
-        except torch.OutOfMemoryError:
-            rec = {"impl": "tunesmith", "case": case, "error": "OOM"}
-        emit(rec)
-        out.append(rec)
+        out.append(measure("tunesmith", case, step, real, steps))
         model.park_embeddings("cuda")
-        gc.collect()
-        torch.cuda.empty_cache()
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -203,7 +210,7 @@ def bench_full(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Decoder(cfg).to(torch.bfloat16)
-    model.compile_layers()
+    model.compile_layers(dynamic=False)  # as the trainer: a seq case after a batch case stays static
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda")
     labels = torch.roll(ids, -1, 1)
@@ -220,20 +227,9 @@ def bench_full(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             opt.zero_grad(set_to_none=True)
 
         model.train()
-        try:
-            sec, mem, first = time_steps(step, steps, case=case)
-            tps = ids.numel() / sec
-            # full FT also computes weight gradients: ~1.5x the LoRA FLOPs per token
-            rec = {"impl": "tunesmith", "case": case, "tokens_per_s": round(tps),
-                   "mfu": round(tps * FLOP_PER_TOKEN * 1.5 / PEAK, 3), "peak_gib": round(mem, 2),
-                   "step_s": round(sec, 3), "first_step_s": round(first, 1)}
-        except torch.OutOfMemoryError:
-            rec = {"impl": "tunesmith", "case": case, "error": "OOM"}
-        emit(rec)
-        out.append(rec)
+        # full FT also computes weight gradients: ~1.5x the LoRA FLOPs per token
+        out.append(measure("tunesmith", case, step, ids.numel(), steps, flop_scale=1.5))
         opt.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -426,17 +422,7 @@ def bench_hf(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        try:
-            sec, mem, _ = time_steps(step, steps, case="hf:" + case)
-            tps = real / sec
-            rec = {"impl": "hf+peft", "case": case, "tokens_per_s": round(tps), "mfu": round(tps * FLOP_PER_TOKEN / PEAK, 3),
-                   "peak_gib": round(mem, 2), "step_s": round(sec, 3)}
-        except torch.OutOfMemoryError:
-            rec = {"impl": "hf+peft", "case": case, "error": "OOM"}
-        emit(rec)
-        out.append(rec)
-        gc.collect()
-        torch.cuda.empty_cache()
+        out.append(measure("hf+peft", case, step, real, steps))
     return out
 
 
