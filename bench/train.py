@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch._functorch.config  # noqa: F401
+from kernels import profile
 
 QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
@@ -90,38 +91,6 @@ def measure(impl: str, case: str, step, tokens: int, steps: int, flop_scale: flo
     gc.collect()
     torch.cuda.empty_cache()
     return rec
-
-
-KERNEL_KINDS = [  # (kind, regex on the kernel name), first match wins
-    ("attention", r"flash|fmha|cudnn|attention|sdpa"),
-    ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|ampere|cublas|splitk"),
-    ("triton", r"^triton"),
-    ("optimizer", r"adam|multi_tensor"),
-    ("copy", r"copy|memcpy|memset|cat"),
-]
-
-
-def profile(step, case: str, steps: int = 3) -> None:
-    """Per-kernel GPU time of `steps` steps: the top 25 kernels and totals by kind, per step."""
-    import re
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
-    rows.sort(key=lambda r: -r[2])
-    total = sum(r[2] for r in rows)
-    kinds: dict[str, float] = {}
-    for name, _, us in rows:
-        kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, name, re.I)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us
-    emit({"profile": case, "gpu_ms_per_step": round(total / steps / 1e3, 1),
-          "by_kind_ms": {k: round(v / steps / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}})
-    for name, count, us in rows[:25]:
-        emit({"profile": case, "kernel": name[:110], "calls": count // steps, "ms": round(us / steps / 1e3, 2),
-              "share": round(us / total, 3)})
 
 
 def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:

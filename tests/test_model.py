@@ -167,6 +167,45 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_projections_equal_separate_ones(tiny):
+    """Generation's fused q/k/v and gate/up matrices: same logits, no second copy of the weights, skipped while a
+    LoRA adapter is active or gradients are wanted, current after a merge, rebuilt after a dtype move."""
+    from tunesmith.model.lora import LoraConfig, apply_lora, merge_lora
+
+    name, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    ids = _ids(2, 11, seed=4)
+    logits = lambda: model.logits(model(ids))  # noqa: E731
+    with torch.no_grad():
+        separate = logits()
+        model.fuse_projections()
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert attn.qkv[0].shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv[0].untyped_storage().data_ptr()
+        assert (attn.qkv[1] is not None) == (name.startswith("qwen2"))  # Qwen2 has q/k/v biases
+        torch.testing.assert_close(logits(), separate, atol=1e-5, rtol=1e-5)
+
+        apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B["default"].weight.normal_(0, 0.05)
+        with_lora = logits()  # the adapter is active: each module runs its own LoRA product
+        assert (with_lora - separate).abs().max() > 1e-3
+        merge_lora(model)  # in place into the views: the fused matrices carry the merge
+        torch.testing.assert_close(logits(), with_lora, atol=1e-4, rtol=1e-4)
+
+    model.requires_grad_(True)  # as full fine-tuning has it: gradients reach the modules' own weights
+    loss = logits().logsumexp(-1).mean()
+    loss.backward()
+    assert attn.q_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
+
+    model.to(torch.float64)  # new storage for every weight: the fused copies are stale until rebuilt
+    model.fuse_projections()
+    assert attn.qkv[0].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(logits().float(), with_lora, atol=1e-4, rtol=1e-4)
+
+
 # ---- GGUF ---------------------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ class Generator:
         self.static_len = min(static_len, self.context_length)
         self._static: StaticKVCache | None = None
         self._compiled_step = self.model.forward_static
+        self.model.fuse_projections()
         if self.compiled and on_cuda:
             import torch._inductor.config as inductor
 
@@ -96,6 +97,7 @@ class Generator:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
                             f"{self.context_length}; shorten it.")
         max_new = min(cfg.max_new_tokens, budget)
+        self.model.fuse_projections()  # no-op unless training moved the weights since
         device = self.model.lm_head_weight.device
         gen = None
         if cfg.seed is not None:
@@ -206,6 +208,7 @@ class Generator:
         tokens only: each row computes exactly what it would alone (up to float summation order)."""
         if not prompts:
             return []
+        self.model.fuse_projections()
         device = self.model.lm_head_weight.device
         B, L = len(prompts), max(len(p) for p in prompts)
         max_new = min(cfg.max_new_tokens, self.context_length - L)
@@ -319,6 +322,7 @@ class DecodeSlots:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens; at most {self.capacity - 1} fit with room for "
                             f"an answer (prompt + answer per request: --max_model_len when serving); shorten it.")
         b = self.streams.index(None)
+        self.g.model.fuse_projections()
         vocab = self.g.model.config.vocab_size
         seen = None
         if cfg.repetition_penalty != 1.0:

@@ -266,13 +266,19 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias): fuse_projections
 
     def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, cache_pos=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)  # (B, T, n_kv, hd)
-        v = self.v_proj(x).view(B, T, -1, hd)
+        if fused_ready(self.qkv, self.q_proj, self.k_proj, self.v_proj):
+            nq, nkv = self.cfg.num_heads * hd, self.cfg.num_kv_heads * hd
+            q, k, v = F.linear(x, *self.qkv).split([nq, nkv, nkv], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, hd)  # (B, T, n_heads, hd)
+        k = k.view(B, T, -1, hd)  # (B, T, n_kv, hd)
+        v = v.view(B, T, -1, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -296,9 +302,60 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: tuple[torch.Tensor, None] | None = None  # fused weight: fuse_projections
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if fused_ready(self.gate_up, self.gate_proj, self.up_proj):
+            gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_linears(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of outs, in) weight (and bias) for linears that read the same input; each module's own weight
+    becomes a view into it, so nothing is stored twice and in-place changes (merging a LoRA, an optimizer step)
+    show in both."""
+    bases = [getattr(m, "base_layer", m) for m in mods]  # LoRALinear wraps the nn.Linear
+    with torch.no_grad():
+        weight = torch.cat([b.weight for b in bases])
+        bias = torch.cat([b.bias for b in bases]) if bases[0].bias is not None else None
+        start = 0
+        for b in bases:
+            n = b.weight.shape[0]
+            b.weight.data = weight[start : start + n]
+            if bias is not None:
+                b.bias.data = bias[start : start + n]
+            start += n
+    if weight.is_cuda:  # CUDA graphs read it in place, like a parameter (unmarked, a graph input is copied)
+        for t in (weight, bias):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+    return weight, bias
+
+
+def fused_current(fused, mods: list[nn.Module]) -> bool:
+    """Whether the modules' weights are still the views fuse_linears made (a dtype or device move, or sharding,
+    gives them new storage, and the fused copy would be stale)."""
+    if fused is None:
+        return False
+    for t, attr in zip(fused, ("weight", "bias")):
+        if t is None:
+            continue
+        ptr, row = t.data_ptr(), t[0].numel() * t.element_size()
+        for m in mods:
+            own = getattr(getattr(m, "base_layer", m), attr)
+            if own.data_ptr() != ptr or own.dtype != t.dtype or own.device != t.device:
+                return False
+            ptr += own.shape[0] * row
+    return True
+
+
+def fused_ready(fused, *mods: nn.Module) -> bool:
+    """Whether a fused projection may stand in for `mods`: it exists, no LoRA adapter is active on them (LoRA adds
+    its own product per module), and no gradient is wanted (the modules' own parameters must receive those)."""
+    return (fused is not None and not torch.is_grad_enabled()
+            and all(getattr(m, "active", None) is None for m in mods))
 
 
 class DecoderLayer(nn.Module):
@@ -466,6 +523,25 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             layer.compile(dynamic=dynamic)
         self.use_flex = self.inv_freq.device.type == "cuda"
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up each become one matrix (their modules' weights are views into it), so generating
+        without an active adapter reads each layer's input-side weights in two matrix products instead of five:
+        fewer kernels per decode step, and the small k/v products no longer run alone. Generation calls this
+        before each answer: it is cheap when the fused matrices are current and rebuilds stale ones."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            if not fused_current(attn.qkv, qkv):
+                attn.qkv = fuse_linears(qkv)
+            if not fused_current(mlp.gate_up, gate_up):
+                mlp.gate_up = fuse_linears(gate_up)
+
+    def unfuse_projections(self) -> None:
+        """Forget the fused matrices (training moves, casts or shards weights; a stale fused copy would keep their
+        old storage alive). The modules' weights stay as they are."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv = layer.mlp.gate_up = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight)

@@ -105,6 +105,7 @@ class Trainer:
                  device: torch.device, quiet: bool = False):
         self.args, self.lm, self.run_dir, self.device = args, lm, run_dir, device
         self.model = lm.model
+        self.model.unfuse_projections()  # generation's fused q/k/v and gate/up copies (distill, an earlier eval)
         self.train_samples, self.val_samples = train, val
         self.dp = DataParallel(device)  # rank 0 of 1 in one process (train/distributed.py)
         self.group = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dp.world
