@@ -60,6 +60,7 @@ class Generator:
         self.compiled = on_cuda if compiled is None else compiled
         self.static_len = min(static_len, self.context_length)
         self._static: StaticKVCache | None = None
+        self._slots: DecodeSlots | None = None  # the one-row batch that stream() decodes through
         self._compiled_step = self.model.forward_static
         self.model.fuse_projections()
         if self.compiled and on_cuda:
@@ -98,6 +99,9 @@ class Generator:
                             f"{self.context_length}; shorten it.")
         max_new = min(cfg.max_new_tokens, budget)
         self.model.fuse_projections()  # no-op unless training moved the weights since
+        if use_cache and self.compiled and len(prompt_ids) + max_new < self.static_len:
+            yield from self._stream_static(prompt_ids, replace(cfg, max_new_tokens=max_new), token_sink)
+            return
         device = self.model.lm_head_weight.device
         gen = None
         if cfg.seed is not None:
@@ -129,6 +133,23 @@ class Generator:
             yield Delta(rest)
         yield Delta("", finish, len(prompt_ids), len(text.ids))
 
+    def _stream_static(self, prompt_ids: list[int], cfg: SamplingConfig, token_sink: list[int] | None):
+        """One answer through a one-row DecodeSlots over the static cache: the CUDA-graph step on CUDA, with the
+        host reading each token while the device makes the next."""
+        if self._slots is None:
+            self._slots = DecodeSlots(self, 1, self.static_len, cache=self._static_cache())
+        key = object()
+        try:
+            events = self._slots.join(key, prompt_ids, cfg, active_adapter(self.model), token_sink)
+            while True:
+                for _, d in events:
+                    yield d
+                    if d.finish_reason:
+                        return
+                events = self._slots.step()
+        finally:
+            self._slots.leave(key)  # also when the caller stops reading early
+
     def _decoder(self, prompt: torch.Tensor, max_new: int, use_cache: bool):
         """A function last_token -> next-token logits (vocab,): None on the first call (prefill)."""
         model, device = self.model, prompt.device
@@ -142,20 +163,6 @@ class Generator:
                 return model.logits(model(torch.tensor([ids], device=device))[:, -1])[0]
 
             return recompute
-        if self.compiled and total <= self.static_len:
-            cache = self._static_cache()
-            state = {"pos": prompt.shape[1]}
-            if device.type == "cuda":
-                cudagraph_thread_setup()
-
-            def static_step(tok):
-                if tok is None:
-                    return model.prefill_static(prompt, cache)[0]
-                p = torch.tensor([[state["pos"]]], device=device)
-                state["pos"] += 1
-                return self._compiled_step(torch.tensor([[tok]], device=device), p, cache)[0]
-
-            return static_step
         cache = KVCache(model.config, 1, total, device, model.lm_head_weight.dtype)
 
         def cached(tok):
@@ -275,10 +282,10 @@ class _Stream:
     prompt_tokens: int
     max_new: int
     text: TextOut
-    seen: torch.Tensor | None  # prompt + answer tokens, for the repetition penalty
+    seen: torch.Tensor | None  # prompt + answer tokens, for the repetition penalty (updated on the device)
     gen: torch.Generator | None
-    pos: int = 0  # slot of `token`
-    token: int = 0  # the last sampled token, fed at the next step
+    pos: int = 0  # the slot the row's next fed token is written to
+    sampled: int = 0  # tokens sampled on the device so far; the host has read fewer while a step is in flight
 
 
 class DecodeSlots:
@@ -286,17 +293,28 @@ class DecodeSlots:
     prefilled into a free row) and leave between steps, and each `step` decodes one token for every row at once,
     through the Generator's compiled CUDA-graph step on CUDA. Memory is fixed up front: rows x max_len keys/values.
 
+    Steps are pipelined: a step samples each row's next token on the device and feeds it to the next step there,
+    and the host reads a step's tokens (text, stop strings, ends) while the device runs the step after it, so
+    per-token host work hides behind the GPU instead of adding to it. A row that ended is known one step late;
+    the token the device made for it meanwhile is dropped.
+
     Rows may use different LoRA adapters: a step runs once per adapter among the rows, and rows outside that
     adapter's group write to the scratch slot (the last one, never attended), so they are left untouched.
     Events are (key, Delta) pairs; a Delta with finish_reason ends that key's answer and frees its row."""
 
-    def __init__(self, generator: Generator, rows: int, max_len: int):
+    def __init__(self, generator: Generator, rows: int, max_len: int, cache: StaticKVCache | None = None):
         self.g = generator
-        self.cache = generator.static_cache(rows, max_len)
+        self.cache = cache if cache is not None else generator.static_cache(rows, max_len)
+        max_len = self.cache.max_len
         self.capacity = max_len - 1  # prompt + answer tokens per row; the last slot is the scratch
         self.streams: list[_Stream | None] = [None] * rows
         self.device = generator.model.lm_head_weight.device
         self.eos = sorted(generator.lm.eos_token_ids)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)  # what each row feeds next
+        self._pinned = self.device.type == "cuda"
+        self._host = torch.zeros(rows, dtype=torch.long, pin_memory=self._pinned)  # the tokens, read back
+        self._inflight: tuple | None = None  # (event, [(row, stream)]) of the last step, not yet read back
+        self._eos_ids = self._dev(self.eos)
         self._adapter: object = object()  # unknown until the first call sets it
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
 
@@ -314,8 +332,9 @@ class DecodeSlots:
         return len(self.streams) - self.free_rows
 
     @torch.inference_mode()
-    def join(self, key, prompt_ids: list[int], cfg: SamplingConfig, adapter: str | None = None):
-        """Prefill one answer into a free row; returns the events of its first token."""
+    def join(self, key, prompt_ids: list[int], cfg: SamplingConfig, adapter: str | None = None,
+             token_sink: list[int] | None = None):
+        """Prefill one answer into a free row; returns the events of its first token (and of a step in flight)."""
         if not prompt_ids:
             raise UserError("the prompt is empty.")
         if len(prompt_ids) >= self.capacity:
@@ -330,23 +349,25 @@ class DecodeSlots:
             seen[torch.tensor(prompt_ids, device=self.device)] = True
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
         s = _Stream(key, cfg, adapter, len(prompt_ids), min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
-                    TextOut(self.g.tokenizer, cfg.stop), seen, gen, pos=len(prompt_ids) - 1)
+                    TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids))
         self._use(adapter)
         logits = self.g.model.prefill_static(torch.tensor([prompt_ids], device=self.device), self.cache.row(b))
         self.streams[b] = s
-        return self._advance({b: logits[0]})
+        self._sample({b: logits[0]})
+        events = self._collect()  # the step in flight, if any, then this row's first token
+        self._launch_copy([(b, s)])
+        return events + self._collect()
 
     @torch.inference_mode()
     def step(self):
-        """One token for every row; returns the events."""
-        rows = [b for b, s in enumerate(self.streams) if s is not None]
+        """Launch one token for every row that may still need one; returns the events of the step before."""
+        rows = [b for b, s in enumerate(self.streams) if s is not None and s.sampled < s.max_new]
         if not rows:
-            return []
+            return self._collect()
         t0 = time.perf_counter()
         graphs = self.g.compiled and self.device.type == "cuda"
         if graphs:
             cudagraph_thread_setup()
-        tokens = torch.tensor([[s.token if s else 0] for s in self.streams], device=self.device)
         step = self.g._compiled_step
         if not graphs:  # eager: attend over the filled slots only
             self.cache.kv_len = max(self.streams[b].pos for b in rows) + 1  # + 1: the token being fed
@@ -354,15 +375,19 @@ class DecodeSlots:
         groups: dict[str | None, list[int]] = {}
         for b in rows:
             groups.setdefault(self.streams[b].adapter, []).append(b)
-        events = []
         try:
             for adapter, group in groups.items():
                 self._use(adapter)
                 pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
-                logits = step(tokens, torch.tensor(pos, device=self.device), self.cache)
-                events += self._advance({b: logits[b] for b in group})
+                logits = step(self.tokens, self._dev(pos), self.cache)
+                self._sample({b: logits[b] for b in group})
         finally:
             self.cache.kv_len = None
+        launched = [(b, self.streams[b]) for b in rows]
+        for _, s in launched:
+            s.pos += 1
+        events = self._collect()  # the previous step's tokens, read while this one runs (it may end rows)
+        self._launch_copy(launched)
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
         return events
@@ -371,32 +396,58 @@ class DecodeSlots:
         """Drop every answer of `key` (cancelled, timed out) and free their rows."""
         self.streams = [None if s is not None and s.key == key else s for s in self.streams]
 
-    def _advance(self, logits: dict[int, torch.Tensor]):
-        """Sample each row's next token (greedy rows in one argmax) and turn it into text events."""
+    def _dev(self, values: list) -> torch.Tensor:
+        """A small host list as a device tensor without waiting for the device (a plain copy would)."""
+        t = torch.tensor(values, dtype=torch.long, pin_memory=self._pinned)
+        return t.to(self.device, non_blocking=True)
+
+    def _sample(self, logits: dict[int, torch.Tensor]) -> None:
+        """Each row's next token, sampled on the device (greedy rows in one argmax) into self.tokens."""
         rows = list(logits)
         stacked = torch.stack([logits[b] for b in rows]).float()
-        blocked = [i for i, b in enumerate(rows) if len(self.streams[b].text.ids) < self.streams[b].cfg.min_new_tokens]
+        blocked = [i for i, b in enumerate(rows) if self.streams[b].sampled < self.streams[b].cfg.min_new_tokens]
         if blocked and self.eos:
-            stacked[torch.tensor(blocked)[:, None], torch.tensor(self.eos)] = float("-inf")
-        plain = [i for i, b in enumerate(rows) if _is_greedy(self.streams[b].cfg)]
-        picked = dict(zip(plain, stacked[plain].argmax(-1).tolist())) if plain else {}
+            stacked[self._dev(blocked)[:, None], self._eos_ids] = float("-inf")
+        picked = stacked.argmax(-1)
         for i, b in enumerate(rows):
-            if i not in picked:
-                s = self.streams[b]
-                picked[i] = int(sample(stacked[i], s.seen, s.cfg, s.gen))
+            s = self.streams[b]
+            if not _is_greedy(s.cfg):
+                picked[i] = sample(stacked[i], s.seen, s.cfg, s.gen)
+            if s.seen is not None:
+                s.seen[picked[i]] = True
+            s.sampled += 1
+        self.tokens[self._dev(rows), 0] = picked
+
+    def _launch_copy(self, launched: list[tuple[int, _Stream]]) -> None:
+        """Start copying the rows' new tokens to the host (after _collect has read the last ones)."""
+        self._host.copy_(self.tokens[:, 0], non_blocking=True)
+        event = None
+        if self._pinned:
+            event = torch.cuda.Event()
+            event.record()
+        self._inflight = (event, launched)
+
+    def _collect(self):
+        """Turn the tokens of the step in flight into text events (rows that left or ended meanwhile are skipped)."""
+        if self._inflight is None:
+            return []
+        event, launched = self._inflight
+        self._inflight = None
+        if event is not None:
+            event.synchronize()
+        host = self._host.tolist()
         events = []
-        for i, b in enumerate(rows):
-            s, tok = self.streams[b], picked[i]
+        for b, s in launched:
+            if self.streams[b] is not s:  # left, or ended at an earlier token
+                continue
+            tok = host[b]
             finish = None
             if tok in self.eos:
                 finish = "stop"
             else:
-                if s.seen is not None:
-                    s.seen[tok] = True
                 piece, stopped = s.text.push(tok)
                 if piece:
                     events.append((s.key, Delta(piece)))
-                s.token, s.pos = tok, s.pos + 1
                 if stopped:
                     finish = "stop"
                 elif len(s.text.ids) >= s.max_new:
