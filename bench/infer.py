@@ -14,8 +14,7 @@ values). Parts:
   server  16 concurrent streamed /v1/completions requests (64-token prompts, 256 tokens each) through the real
           `tunesmith deploy` app (uvicorn + httpx): aggregate completion tok/s; beside it HF generate on a batch of
           the same 16 prompts.
-  steps   the CUDA-graph decode step alone (batch 1 with separate / fused projections, 4,096 / 512 cache slots;
-          16 rows): ms per step and a per-kernel profile.
+  steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile.
 """
 
 from __future__ import annotations
@@ -201,9 +200,8 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
 
 
 def bench_steps(model_dir: Path, streams: int) -> None:
-    """The decode step alone, as its CUDA graph replays: ms per step and where its GPU time goes, at batch 1 with
-    separate and with fused q/k/v + gate/up projections, over Generator's 4,096-slot cache and a 512-slot one, and
-    at `streams` rows of 2,049 slots (the server's shape in the server part)."""
+    """The decode step alone, as its CUDA graph replays: ms per step and where its GPU time goes, at batch 1
+    (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape); 300 slots filled."""
     from kernels import profile
 
     from tunesmith.generate import Generator, cudagraph_thread_setup
@@ -214,18 +212,16 @@ def bench_steps(model_dir: Path, streams: int) -> None:
     cudagraph_thread_setup()
     emb = lm.model.model.embed_tokens.weight
     embed_bytes = 0 if lm.model.config.tie_embeddings else emb.numel() * emb.element_size()  # one row read a step
-    for rows, slots, fused in ((1, g.static_len, False), (1, g.static_len, True), (1, 512, True),
-                               (streams, 2049, True)):
-        (lm.model.fuse_projections if fused else lm.model.unfuse_projections)()
+    read = sum(p.numel() * p.element_size() for p in lm.model.parameters()) - embed_bytes
+    for rows, slots in ((1, g.static_len), (streams, 2048)):
         cache = g.static_cache(rows, slots)
         tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
         pos = torch.full((rows, 1), 300, device=DEVICE)
-        label = f"decode step, {rows} row(s) x {slots} slots, {'fused' if fused else 'separate'} projections"
+        label = f"decode step, {rows} row(s) x {slots} slots"
         with torch.inference_mode():
             step = lambda: g._compiled_step(tok, pos, cache)  # noqa: E731
             compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
             ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
-            read = sum(p.numel() * p.element_size() for p in lm.model.parameters()) - embed_bytes
             emit({"part": "steps", "case": label, "graph_step_ms": round(ms, 3), "compile_s": round(compile_s, 1),
                   "weights_read_tb_per_s": round(read / 1e9 / ms, 2)})
             if DEVICE == "cuda":
