@@ -247,10 +247,16 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # The engine thread waits for each decode step with the GIL released; when the step ends it must get the
+        # GIL back from the HTTP thread at once, or the GPU idles: Python's default hand-over interval is 5 ms,
+        # about a whole decode step.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
         threading.Thread(target=backend.load, name="tunesmith-load", daemon=True).start()
         yield
         if backend.engine is not None:
             await asyncio.to_thread(backend.engine.stop)
+        sys.setswitchinterval(switch)
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
@@ -450,7 +456,10 @@ async def job_events(engine: Engine, job: Job):
         # The worker checks the deadline between tokens; this backstop also covers one very long step.
         remaining = job.deadline - time.monotonic() + 1.0
         try:
-            kind, value = await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0))
+            if job.events.empty():
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0))
+            else:  # already there: no timer, no task
+                kind, value = job.events.get_nowait()
         except asyncio.TimeoutError:
             engine.cancel(job)
             raise ApiError(408, "The request took longer than the server's --request_timeout.", code="request_timeout")

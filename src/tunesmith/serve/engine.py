@@ -60,10 +60,22 @@ class Job:
         return self._cancelled.is_set()
 
     def _emit(self, kind: str, value=None) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
-            self._cancelled.set()
+        _hand_over(self._loop, [(self, (kind, value))])
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Job, tuple]]) -> None:
+    """Put (job, event) items on their jobs' queues from the worker thread: one wake-up of the event loop for all
+    of them (a step's tokens for every stream), not one each."""
+
+    def put_all():
+        for job, item in items:
+            job.events.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
+        for job, _ in items:
+            job._cancelled.set()
 
 
 class Engine:
@@ -169,14 +181,17 @@ class Engine:
                 self._leave(job)
 
     def _deliver(self, events) -> None:
+        items = []
         for (job, i), delta in events:
-            job._emit("delta", (i, delta))
+            items.append((job, ("delta", (i, delta))))
             if delta.finish_reason is not None:
                 job._done += 1
                 if job._done == len(job.prompts):
-                    job._emit("end")
+                    items.append((job, ("end", None)))
                     with self._cv:
                         self._active.remove(job)
+        if items:
+            _hand_over(items[0][0]._loop, items)  # every job was made on the server's one event loop
 
     def _leave(self, job: Job) -> None:
         for i in range(len(job.prompts)):
