@@ -167,13 +167,16 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_projections_equal_separate_ones(tiny):
+def test_fused_projections_equal_separate_ones(tiny, tmp_path):
     """Generation's fused q/k/v and gate/up matrices: same logits, no second copy of the weights, skipped while a
     LoRA adapter is active or gradients are wanted, current after a merge, rebuilt after a dtype move."""
     from tunesmith.model.lora import LoraConfig, apply_lora, merge_lora
 
+    from tunesmith.export.hf import save_hf_folder
+
     name, _, folders = tiny
-    model = load_model(folders["unsharded"]).model
+    lm = load_model(folders["unsharded"])
+    model = lm.model
     ids = _ids(2, 11, seed=4)
     logits = lambda: model.logits(model(ids))  # noqa: E731
     with torch.no_grad():
@@ -193,6 +196,9 @@ def test_fused_projections_equal_separate_ones(tiny):
         assert (with_lora - separate).abs().max() > 1e-3
         merge_lora(model)  # in place into the views: the fused matrices carry the merge
         torch.testing.assert_close(logits(), with_lora, atol=1e-4, rtol=1e-4)
+        save_hf_folder(lm, tmp_path / "merged")  # q/k/v and gate/up are views of one matrix each here
+        reloaded = load_model(tmp_path / "merged").model
+        torch.testing.assert_close(reloaded.logits(reloaded(ids)), with_lora, atol=1e-4, rtol=1e-4)
 
     model.requires_grad_(True)  # as full fine-tuning has it: gradients reach the modules' own weights
     loss = logits().logsumexp(-1).mean()
