@@ -280,6 +280,10 @@ def test_merge_lora_gives_identical_greedy_text(adapted, capsys):
     assert cli.main(["infer", "--adapters", str(ckpt), "--merge_lora", "true", "--query", QUESTION,
                      "--temperature", "0", "--max_new_tokens", "16"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == want
+    # --torch_compile true: the static-cache step path (compiled on a GPU, eager here), same text
+    assert cli.main(["infer", "--adapters", str(ckpt), "--merge_lora", "true", "--query", QUESTION,
+                     "--temperature", "0", "--max_new_tokens", "16", "--torch_compile", "true"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == want
 
 
 def test_adapter_for_another_base_is_refused_in_one_sentence(qwen_tiny_dir, tmp_path):

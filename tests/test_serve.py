@@ -174,6 +174,8 @@ def test_health_is_503_while_loading_then_200(served):
     assert chat.status_code == 503 and error_of(chat)["code"] == "model_loading"
     health = httpx.get(f"{served.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    # before it said ready, the engine decoded a warm-up answer (on the GPU: compiled and recorded its step)
+    assert served.backend.engine.warm.is_set() and served.backend.engine.warm_steps >= 3
 
 
 def test_models_lists_base_and_adapter_with_parent(served):

@@ -192,11 +192,17 @@ class Backend:
             session = self._load_session()
             self.models = served_models(self.args, session)
             self.defaults = sampling_from(self.args, session.lm)
-            self.session, self.generator = session, Generator(session.lm)
+            self.session, self.generator = session, Generator(session.lm, compiled=self.args.torch_compile)
             on_gpu = self.generator.model.lm_head_weight.device.type == "cuda"
             rows = self.args.max_num_seqs or (16 if on_gpu else 4)
             max_len = min(self.args.max_model_len or (8192 if on_gpu else 4096), self.generator.context_length)
-            self.engine = Engine(self.generator, self.args.max_concurrency, rows, max_len)
+            default = next((m.adapter for m in self.models.values() if m.parent), None)  # resolve(None)'s
+            if self.generator.compiled and on_gpu:
+                print("tunesmith deploy: compiling the decode step for this GPU (once per start)...", flush=True)
+            self.engine = Engine(self.generator, self.args.max_concurrency, rows, max_len, warm_adapter=default)
+            self.engine.warm.wait()
+            if self.engine.warm_error:
+                raise RuntimeError(f"the warm-up answer failed: {self.engine.warm_error}")
             self.ready.set()
             print(f"tunesmith deploy: ready, serving {', '.join(self.models)}", flush=True)
         except UserError as e:

@@ -79,9 +79,14 @@ def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Job, tuple]]) 
 
 
 class Engine:
-    def __init__(self, generator: Generator, max_requests: int, rows: int, max_len: int):
+    def __init__(self, generator: Generator, max_requests: int, rows: int, max_len: int,
+                 warm_adapter: str | None = None):
         self.batch = DecodeSlots(generator, rows, max_len)
         self.max_requests = max_requests  # queued + decoding; more answer 429
+        self._warm_adapter = warm_adapter
+        self.warm = threading.Event()  # set once the worker has decoded its warm-up answer (or failed to)
+        self.warm_error: str | None = None
+        self.warm_steps = 0
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()
@@ -124,7 +129,25 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout=10)
 
+    def warm_up(self) -> None:
+        """Decode a few tokens of a one-token prompt before serving: on the GPU the decode step compiles and its
+        CUDA graph is recorded on first use (80-85 s for a 7B, bench/infer.py), which would otherwise be the first
+        request's wait; and it must happen in this thread, the one that replays the graph. The warmed adapter is
+        the one requests get by default; another adapter compiles on its first request."""
+        key = object()
+        events = self.batch.join(key, [0], SamplingConfig(max_new_tokens=4, min_new_tokens=4), self._warm_adapter)
+        while not any(d.finish_reason for _, d in events):
+            events = self.batch.step()
+            self.warm_steps += 1
+        self.batch.leave(key)
+
     def _run(self) -> None:
+        try:
+            self.warm_up()
+        except Exception as e:  # noqa: BLE001 — reported by the loader, which then stops the server
+            log.exception("warming up the decode step failed")
+            self.warm_error = f"{type(e).__name__}: {e}"
+        self.warm.set()
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._active):
