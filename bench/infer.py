@@ -312,14 +312,15 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
     # server's threads (engine, HTTP) they are measuring.
     clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     for rep in range(3):  # the first wave compiles the 16-row step
-        steps0, busy0 = batch.steps, batch.step_seconds
+        steps0, busy0, wait0 = batch.steps, batch.step_seconds, batch.wait_seconds
         wall, res = clients.submit(client_wave, url, prompts).result()
         tokens = sum(t for t, _ in res)
-        steps, busy = batch.steps - steps0, batch.step_seconds - busy0
+        steps, busy, wait = batch.steps - steps0, batch.step_seconds - busy0, batch.wait_seconds - wait0
         emit({"part": "server", "impl": "tunesmith deploy", "rep": rep, "streams": streams,
               "completion_tokens": tokens, "wall_s": round(wall, 2), "aggregate_tok_s": round(tokens / wall, 1),
               "median_ttft_ms": round(statistics.median(f for _, f in res) * 1000, 1), "decode_steps": steps,
               "ms_per_step_in_engine": round(busy / max(steps, 1) * 1000, 2),
+              "ms_per_step_waiting_for_gpu": round(wait / max(steps, 1) * 1000, 2),
               "share_of_wall_in_steps": round(busy / wall, 2)})
     clients.shutdown()
     server.should_exit = True

@@ -317,6 +317,7 @@ class DecodeSlots:
         self._eos_ids = self._dev(self.eos)
         self._adapter: object = object()  # unknown until the first call sets it
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
+        self.wait_seconds = 0.0  # of which waiting for the device to finish the step before (benchmarks)
 
     def _use(self, adapter: str | None) -> None:
         if adapter != self._adapter:
@@ -434,7 +435,9 @@ class DecodeSlots:
         event, launched = self._inflight
         self._inflight = None
         if event is not None:
+            t0 = time.perf_counter()
             event.synchronize()
+            self.wait_seconds += time.perf_counter() - t0
         host = self._host.tolist()
         events = []
         for b, s in launched:
