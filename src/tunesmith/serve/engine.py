@@ -134,6 +134,8 @@ class Engine:
         CUDA graph is recorded on first use (80-85 s for a 7B, bench/infer.py), which would otherwise be the first
         request's wait; and it must happen in this thread, the one that replays the graph. The warmed adapter is
         the one requests get by default; another adapter compiles on its first request."""
+        if self.batch.capacity < 2:  # no room for a prompt and an answer: every request will be refused anyway
+            return
         key = object()
         events = self.batch.join(key, [0], SamplingConfig(max_new_tokens=4, min_new_tokens=4), self._warm_adapter)
         while not any(d.finish_reason for _, d in events):
