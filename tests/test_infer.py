@@ -352,11 +352,14 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
     many = list(gen.complete_many([prompts[0], prompts[3], prompts[0]], greedy(40), rows=2))
     assert [c.text for c in many] == [want[0].text, gen.complete(prompts[3], greedy(40)).text, want[0].text]
 
-    # A cancelled answer frees its row; a prompt longer than a row is one sentence.
+    # A cancelled answer frees its row, and the token its step in flight made for it never becomes an event;
+    # a prompt longer than a row is one sentence.
     slots.join("gone", prompts[0], greedy(40), "default")
+    slots.step()  # its second token is now on the way
     assert slots.active == 1
     slots.leave("gone")
     assert slots.active == 0
+    assert slots.step() == []
     with pytest.raises(UserError, match="the prompt has 300 tokens; at most 254 fit"):
         slots.join("long", list(range(300)), greedy(4))
 
