@@ -98,10 +98,10 @@ class Generator:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
                             f"{self.context_length}; shorten it.")
         max_new = min(cfg.max_new_tokens, budget)
-        self.model.fuse_projections()  # no-op unless training moved the weights since
         if use_cache and self.compiled and len(prompt_ids) + max_new < self.static_len:
             yield from self._stream_static(prompt_ids, replace(cfg, max_new_tokens=max_new), token_sink)
             return
+        self.model.fuse_projections()  # no-op unless training moved the weights since (join does it for the above)
         device = self.model.lm_head_weight.device
         gen = None
         if cfg.seed is not None:
