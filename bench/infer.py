@@ -14,7 +14,10 @@ values). Parts:
   server  16 concurrent streamed /v1/completions requests (64-token prompts, 256 tokens each) through the real
           `tunesmith deploy` app (uvicorn + httpx): aggregate completion tok/s; beside it HF generate on a batch of
           the same 16 prompts.
-  steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile.
+  steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, with
+          decode attention through the slot kernel (ops/decode_attention.py) and through the masked reference.
+  attention  decode attention alone (28 layers' worth in one CUDA graph) over caches with few and many slots
+          filled: the slot kernel at several block sizes vs the masked reference, microseconds per layer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import gc
 import json
 import socket
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -201,32 +205,81 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
 
 def bench_steps(model_dir: Path, streams: int) -> None:
     """The decode step alone, as its CUDA graph replays: ms per step and where its GPU time goes, at batch 1
-    (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape); 300 slots filled."""
+    (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape), 300 slots filled;
+    attention through the slot kernel and through the masked reference (a fresh compile each), same inputs."""
     from kernels import profile
 
     from tunesmith.generate import Generator, cudagraph_thread_setup
     from tunesmith.model.load import load_model
+    from tunesmith.ops import decode_attention
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
-    g = Generator(lm)
-    cudagraph_thread_setup()
     emb = lm.model.model.embed_tokens.weight
     embed_bytes = 0 if lm.model.config.tie_embeddings else emb.numel() * emb.element_size()  # one row read a step
     read = sum(p.numel() * p.element_size() for p in lm.model.parameters()) - embed_bytes
-    for rows, slots in ((1, g.static_len), (streams, 2048)):
-        cache = g.static_cache(rows, slots)
-        tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
-        pos = torch.full((rows, 1), 300, device=DEVICE)
-        label = f"decode step, {rows} row(s) x {slots} slots"
-        with torch.inference_mode():
-            step = lambda: g._compiled_step(tok, pos, cache)  # noqa: E731
-            compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
-            ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
-            emit({"part": "steps", "case": label, "graph_step_ms": round(ms, 3), "compile_s": round(compile_s, 1),
-                  "weights_read_tb_per_s": round(read / 1e9 / ms, 2)})
-            if DEVICE == "cuda":
-                profile(step, label, steps=20, top=12)
-        del cache
+    logits = {}
+    for kernel in (True, False):
+        decode_attention.ENABLED = kernel
+        g = Generator(lm)
+        cudagraph_thread_setup()
+        for rows, slots in ((1, g.static_len), (streams, 2048)):
+            cache = g.static_cache(rows, slots)
+            tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
+            pos = torch.full((rows, 1), 300, device=DEVICE)
+            label = f"decode step, {rows} row(s) x {slots} slots, {'slot kernel' if kernel else 'masked reference'}"
+            with torch.inference_mode():
+                step = lambda: g._compiled_step(tok, pos, cache)  # noqa: E731
+                compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
+                ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
+                logits[(kernel, rows)] = step().float().clone()
+                emit({"part": "steps", "case": label, "graph_step_ms": round(ms, 3), "compile_s": round(compile_s, 1),
+                      "weights_read_tb_per_s": round(read / 1e9 / ms, 2)})
+                if DEVICE == "cuda":
+                    profile(step, label, steps=20, top=12)
+            del cache
+            free()
+        del g
+    decode_attention.ENABLED = True
+    for rows in (1, streams):  # the caches hold the same keys (written by the same steps): same logits
+        a, b = logits[(True, rows)], logits[(False, rows)]
+        emit({"part": "steps", "check": "slot kernel vs masked reference, last step's logits", "rows": rows,
+              "max_abs_diff": round((a - b).abs().max().item(), 4), "logit_scale": round(b.abs().max().item(), 2),
+              "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
+
+
+def bench_attention() -> None:
+    """Decode attention alone: 28 layers' caches (Qwen2.5-7B: 28 query heads, 4 KV heads, head_dim 128), one CUDA
+    graph of 28 calls, replayed; the rows' filled lengths vary by a few slots around the stated one."""
+    from tunesmith.model.decoder import decode_attention as reference
+    from tunesmith.ops import decode_attention as da
+
+    H, n_kv, hd, layers = 28, 4, 128, 28
+    for rows, slots, filled in ((1, 4096, 300), (1, 4096, 4000), (16, 2048, 300), (16, 2048, 2000),
+                                (16, 8192, 320)):
+        ks = [torch.randn(rows, n_kv, slots, hd, device=DEVICE, dtype=torch.bfloat16) for _ in range(layers)]
+        vs = [torch.randn_like(k) for k in ks]
+        q = torch.randn(rows, H, 1, hd, device=DEVICE, dtype=torch.bfloat16)
+        hi = (filled - 1 - torch.arange(rows, device=DEVICE) % 8).clamp(min=0)
+        span = da.SlotRange(torch.zeros_like(hi), hi)
+        mask = (torch.arange(slots, device=DEVICE)[None, :] <= hi[:, None])[:, None, None, :]
+        want = reference(q, ks[0], vs[0], mask).float()
+        variants = {"masked reference": lambda k, v: reference(q, k, v, mask)}
+        for block_n in (32, 64, 128):
+            for splits in (None, 4, 16):
+                variants[f"slot kernel block {block_n} splits {splits or 'auto'}"] = (
+                    lambda k, v, b=block_n, s=splits: da.attend(q, k, v, span, block_n=b, splits=s))
+        for name, fn in variants.items():
+            err = (fn(ks[0], vs[0]).float() - want).abs().max().item()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for k, v in zip(ks, vs):
+                    fn(k, v)
+            graph.replay()
+            us = sync_time(lambda: [graph.replay() for _ in range(20)])[0] / 20 / layers * 1e6
+            emit({"part": "attention", "rows": rows, "slots": slots, "filled": filled, "impl": name,
+                  "us_per_layer": round(us, 1), "max_abs_diff_vs_reference": round(err, 4)})
+            del graph
+        del ks, vs
         free()
 
 
@@ -311,21 +364,46 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
     # The clients run in a process of their own, as real clients do: in this one they would take the GIL from the
     # server's threads (engine, HTTP) they are measuring.
     clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    for rep in range(3):  # the first wave compiles the 16-row step
-        steps0, busy0, wait0 = batch.steps, batch.step_seconds, batch.wait_seconds
+    # The first wave runs with the server's own GIL hand-over interval (0.5 ms); the others try shorter and the
+    # default, since the engine thread and the HTTP thread share one GIL.
+    for rep, switch in enumerate((None, None, 0.0001, 0.005)):
+        if switch is not None:
+            sys.setswitchinterval(switch)
+        counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
         wall, res = clients.submit(client_wave, url, prompts).result()
         tokens = sum(t for t, _ in res)
-        steps, busy, wait = batch.steps - steps0, batch.step_seconds - busy0, batch.wait_seconds - wait0
+        steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
+            batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
+        per_step = lambda x: round(x / max(steps, 1) * 1000, 2)  # noqa: E731
         emit({"part": "server", "impl": "tunesmith deploy", "rep": rep, "streams": streams,
+              "switch_interval_ms": sys.getswitchinterval() * 1000,
               "completion_tokens": tokens, "wall_s": round(wall, 2), "aggregate_tok_s": round(tokens / wall, 1),
               "median_ttft_ms": round(statistics.median(f for _, f in res) * 1000, 1), "decode_steps": steps,
-              "ms_per_step_in_engine": round(busy / max(steps, 1) * 1000, 2),
-              "ms_per_step_waiting_for_gpu": round(wait / max(steps, 1) * 1000, 2),
-              "share_of_wall_in_steps": round(busy / wall, 2)})
+              "ms_per_step_in_engine": per_step(busy), "ms_per_step_waiting_for_gpu": per_step(wait),
+              "ms_per_step_launching_the_graph": per_step(launch), "share_of_wall_in_steps": round(busy / wall, 2)})
     clients.shutdown()
     server.should_exit = True
     time.sleep(2)
     app.state.backend.engine.stop()
+    # The same DecodeSlots (its compiled step) driven from this thread alone, no HTTP: what the engine can do.
+    from tunesmith.generate import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)
+    for rep in range(2):
+        counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
+        t0, tokens = time.perf_counter(), 0
+        for i, ids in enumerate(prompts):
+            batch.join(i, ids, cfg)
+        while batch.active:
+            tokens += sum(1 for _, d in batch.step() if d.text)
+        wall = time.perf_counter() - t0
+        steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
+            batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
+        emit({"part": "server", "impl": "the server's DecodeSlots alone (no HTTP)", "rep": rep, "streams": streams,
+              "wall_s": round(wall, 2), "aggregate_tok_s": round(streams * NEW / wall, 1), "decode_steps": steps,
+              "ms_per_step_in_engine": round(busy / steps * 1000, 2),
+              "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
+              "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)})
 
 
 
@@ -349,7 +427,7 @@ def main() -> None:
         t0 = time.time()
         {"load": lambda: bench_load(a.model_dir), "decode": lambda: bench_decode(a.model_dir, a.runs, a.no_hf),
          "server": lambda: bench_server(a.model_dir, a.streams, a.no_hf),
-         "steps": lambda: bench_steps(a.model_dir, a.streams)}[part]()
+         "steps": lambda: bench_steps(a.model_dir, a.streams), "attention": bench_attention}[part]()
         emit({"event": "part_done", "part": part, "seconds": round(time.time() - t0, 1)})
 
 

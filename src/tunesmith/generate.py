@@ -318,6 +318,7 @@ class DecodeSlots:
         self._adapter: object = object()  # unknown until the first call sets it
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
         self.wait_seconds = 0.0  # of which waiting for the device to finish the step before (benchmarks)
+        self.launch_seconds = 0.0  # and calling the model's step (on CUDA: launching its graph; benchmarks)
 
     def _use(self, adapter: str | None) -> None:
         if adapter != self._adapter:
@@ -380,7 +381,9 @@ class DecodeSlots:
             for adapter, group in groups.items():
                 self._use(adapter)
                 pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
+                t1 = time.perf_counter()
                 logits = step(self.tokens, self._dev(pos), self.cache)
+                self.launch_seconds += time.perf_counter() - t1
                 self._sample({b: logits[b] for b in group})
         finally:
             self.cache.kv_len = None
