@@ -16,6 +16,8 @@ values). Parts:
           the same 16 prompts.
   steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, with
           decode attention through the slot kernel (ops/decode_attention.py) and through the masked reference.
+  slots   the server's decode loop without the server: DecodeSlots of 16 rows x 2,048 slots driven from one thread
+          (16 64-token prompts, 256 tokens each): aggregate tok/s, host time per step, and a cProfile of the loop.
   attention  decode attention alone (28 layers' worth in one CUDA graph) over caches with few and many slots
           filled: the slot kernel at several block sizes vs the masked reference, microseconds per layer.
 """
@@ -247,6 +249,39 @@ def bench_steps(model_dir: Path, streams: int) -> None:
               "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
 
 
+def bench_slots(model_dir: Path, streams: int) -> None:
+    import cProfile
+    import pstats
+
+    from tunesmith.generate import DecodeSlots, Generator, SamplingConfig
+    from tunesmith.model.load import load_model
+
+    lm = load_model(str(model_dir), "bfloat16", DEVICE)
+    batch = DecodeSlots(Generator(lm), streams, 2048)
+    cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)
+    prompts = [prompt_ids(64, 1000 + i) for i in range(streams)]
+    prof = cProfile.Profile()
+    for rep in range(3):  # the first compiles the step
+        counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
+        if rep == 2:
+            prof.enable()
+        t0, tokens = time.perf_counter(), 0
+        for i, ids in enumerate(prompts):
+            batch.join(i, ids, cfg)
+        while batch.active:
+            tokens += sum(1 for _, d in batch.step() if d.text)
+        wall = time.perf_counter() - t0
+        prof.disable()
+        steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
+            batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
+        emit({"part": "slots", "rep": rep, "streams": streams, "profiled": rep == 2, "wall_s": round(wall, 2),
+              "aggregate_tok_s": round(streams * NEW / wall, 1), "decode_steps": steps,
+              "ms_per_step_in_engine": round(busy / steps * 1000, 2),
+              "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
+              "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)})
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def bench_attention() -> None:
     """Decode attention alone: 28 layers' caches (Qwen2.5-7B: 28 query heads, 4 KV heads, head_dim 128), one CUDA
     graph of 28 calls, replayed; the rows' filled lengths vary by a few slots around the stated one."""
@@ -427,7 +462,8 @@ def main() -> None:
         t0 = time.time()
         {"load": lambda: bench_load(a.model_dir), "decode": lambda: bench_decode(a.model_dir, a.runs, a.no_hf),
          "server": lambda: bench_server(a.model_dir, a.streams, a.no_hf),
-         "steps": lambda: bench_steps(a.model_dir, a.streams), "attention": bench_attention}[part]()
+         "steps": lambda: bench_steps(a.model_dir, a.streams), "attention": bench_attention,
+         "slots": lambda: bench_slots(a.model_dir, a.streams)}[part]()
         emit({"event": "part_done", "part": part, "seconds": round(time.time() - t0, 1)})
 
 

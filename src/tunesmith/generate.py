@@ -315,6 +315,7 @@ class DecodeSlots:
         self._host = torch.zeros(rows, dtype=torch.long, pin_memory=self._pinned)  # the tokens, read back
         self._inflight: tuple | None = None  # (event, [(row, stream)]) of the last step, not yet read back
         self._eos_ids = self._dev(self.eos)
+        self._neg_inf = torch.tensor(float("-inf"), device=self.device)
         self._adapter: object = object()  # unknown until the first call sets it
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
         self.wait_seconds = 0.0  # of which waiting for the device to finish the step before (benchmarks)
@@ -348,7 +349,7 @@ class DecodeSlots:
         seen = None
         if cfg.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-            seen[torch.tensor(prompt_ids, device=self.device)] = True
+            seen.index_fill_(0, self._dev(prompt_ids), True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
         s = _Stream(key, cfg, adapter, len(prompt_ids), min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
                     TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids))
@@ -410,15 +411,15 @@ class DecodeSlots:
         rows = list(logits)
         stacked = torch.stack([logits[b] for b in rows]).float()
         blocked = [i for i, b in enumerate(rows) if self.streams[b].sampled < self.streams[b].cfg.min_new_tokens]
-        if blocked and self.eos:
-            stacked[self._dev(blocked)[:, None], self._eos_ids] = float("-inf")
+        if blocked and self.eos:  # a device tensor as the value: a Python float here made the host wait for the GPU
+            stacked[self._dev(blocked)[:, None], self._eos_ids] = self._neg_inf
         picked = stacked.argmax(-1)
         for i, b in enumerate(rows):
             s = self.streams[b]
             if not _is_greedy(s.cfg):
                 picked[i] = sample(stacked[i], s.seen, s.cfg, s.gen)
-            if s.seen is not None:
-                s.seen[picked[i]] = True
+            if s.seen is not None:  # index_fill_: indexing by a device scalar would read it back (a wait)
+                s.seen.index_fill_(0, picked[i : i + 1], True)
             s.sampled += 1
         self.tokens[self._dev(rows), 0] = picked
 
