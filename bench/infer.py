@@ -289,6 +289,7 @@ def bench_attention() -> None:
     from tunesmith.ops import decode_attention as da
 
     H, n_kv, hd, layers = 28, 4, 128, 28
+    assert da.load_kernels(), "triton is not installed"
     for rows, slots, filled in ((1, 4096, 300), (1, 4096, 4000), (16, 2048, 300), (16, 2048, 2000),
                                 (16, 8192, 320)):
         ks = [torch.randn(rows, n_kv, slots, hd, device=DEVICE, dtype=torch.bfloat16) for _ in range(layers)]

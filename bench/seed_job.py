@@ -68,7 +68,9 @@ def main() -> int:
             adapter = Path(work, summary["last_checkpoint"], "adapter_model.safetensors")
             emit({"rep": rep, "extra": a.extra, "wall_s": round(wall, 1), "train_s": summary["seconds"],
                   "steps": summary["steps"], "peak_gib": round(summary["peak_memory_gib"], 2),
-                  "final_loss": round(summary["final_loss"], 4), "adapter_saved": adapter.is_file()})
+                  "final_loss": round(summary["final_loss"], 4), "adapter_saved": adapter.is_file(),
+                  "phases_s": summary.get("phases_s"),  # startup, data, load, encode, setup, fit; the rest: wall
+                  "after_fit_s": round(wall - sum((summary.get("phases_s") or {}).values()), 1)})
             for line in proc.stderr.splitlines()[-12:]:
                 print("  | " + line, file=sys.stderr)
     if a.profile:

@@ -156,6 +156,12 @@ def test_tutorial_command_writes_ms_swift_layout(tutorial_run):
     assert len(weights) == 2 * 7 * 30  # A and B of 7 projections in SmolLM2's 30 layers
     no_tmp_left(cwd / "output")
 
+    # Where the run's wall time went: the phases add up to no more than the command's wall time.
+    phases = json.loads((run / "summary.json").read_text())["phases_s"]
+    assert list(phases) == ["startup", "data", "load", "encode", "setup", "fit"]
+    assert all(t >= 0 for t in phases.values()) and phases["fit"] > 0
+    assert sum(phases.values()) <= tutorial_run[2]
+
     # The run tells the user how to chat with what it trained (tutorial step 4).
     said = proc.stdout + proc.stderr
     assert f"tunesmith infer --adapters output/{run.name}/checkpoint-10" in said

@@ -16,6 +16,7 @@ from tunesmith.errors import UserError
 from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import active_adapter, set_active_adapter
+from tunesmith.ops import decode_attention as slot_attention
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Generator:
             import torch._inductor.config as inductor
 
             inductor.coordinate_descent_tuning = True  # tunes the matrix-vector kernels that decoding is made of
+            slot_attention.load_kernels()  # the decode step attends through them (imported here, not while tracing)
             self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True,
                                                dynamic=False)  # one CUDA graph per batch shape
 

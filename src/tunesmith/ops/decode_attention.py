@@ -21,12 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs without triton use the reference
-    triton = None
-
 
 class SlotRange(NamedTuple):
     """Row b attends cache slots lo[b]..hi[b] (inclusive); (B,) integer tensors on the cache's device."""
@@ -41,117 +35,29 @@ ENABLED = True  # False: decode steps compiled from now on attend through the ma
 # Triton's interpreter multiplies bf16 tiles wrongly (numpy has no bf16): there the tiles are widened first.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+_kernels = None  # the kernels' module once load_kernels() imported it
+
+
+def load_kernels() -> bool:
+    """Import the kernels (call it outside compiled code: Generator does when it compiles on CUDA); False without
+    triton."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from tunesmith.ops import decode_attention_kernels
+        except ImportError:  # CPU installs without triton use the reference
+            return False
+        _kernels = decode_attention_kernels
+    return True
+
 
 def usable(device: torch.device, head_dim: int) -> bool:
     """Whether a decode step should attend through the kernels: in a compiled step on CUDA (inside a CUDA graph
     the kernels cost nothing to launch; uncompiled decoding slices the cache to the filled length instead), or
-    anywhere under Triton's interpreter (tests)."""
-    if not ENABLED or triton is None or head_dim < 16 or head_dim & (head_dim - 1):
+    anywhere under Triton's interpreter (tests), once load_kernels() has run."""
+    if not ENABLED or _kernels is None or head_dim < 16 or head_dim & (head_dim - 1):
         return False
     return INTERPRETING or (device.type == "cuda" and torch.compiler.is_compiling())
-
-
-if triton is not None:
-
-    @triton.jit
-    def _split_span(LO, HI, b, L, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
-        """Row b's first block, number of blocks, and blocks per split."""
-        lo = tl.load(LO + b)
-        hi = tl.minimum(tl.load(HI + b), L - 1)
-        first = lo // BLOCK_N
-        nblocks = tl.where(hi >= lo, hi // BLOCK_N + 1 - first, 0)
-        return lo, hi, first, nblocks, tl.cdiv(nblocks, SPLITS)
-
-    @triton.jit
-    def _partials(Q, K, V, LO, HI, O, M, S, sqb, sqh, skb, skh, skn, svb, svh, svn, L, SCALE: tl.constexpr,
-                  N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = bh // N_KV
-        kv = bh % N_KV
-        lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS)
-        blk = first + split * per
-        end = tl.minimum(blk + per, first + nblocks)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, HD)
-        q = tl.load(Q + b * sqb + (kv * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, HD], tl.float32)
-        k_row = K + b * skb + kv * skh
-        v_row = V + b * svb + kv * svh
-        while blk < end:  # every block here holds at least one slot in lo..hi, so the row max stays finite
-            n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=(n < L)[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * SCALE  # log2 units: exp2 below
-            s = tl.where(((n >= lo) & (n <= hi))[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=(n < L)[:, None], other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-            blk += 1
-        live = (g < G) & (split * per < nblocks)  # splits without blocks write nothing
-        part = (bh * SPLITS + split) * G_PAD + g
-        tl.store(M + part, m_i, mask=live)
-        tl.store(S + part, l_i, mask=live)
-        tl.store(O + part[:, None] * HD + d[None, :], acc, mask=live[:, None])
-
-    @triton.jit
-    def _combine(O, M, S, LO, HI, OUT, sob, soh, L, N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                 HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // N_KV
-        kv = bh % N_KV
-        lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, HD)
-        m = tl.full([G_PAD], -1e30, tl.float32)  # finite, so the first split's weight is exp2(-huge) = 0, not nan
-        total = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, HD], tl.float32)
-        split = 0
-        while split * per < nblocks:  # the splits that had blocks
-            part = (bh * SPLITS + split) * G_PAD + g
-            m_s = tl.load(M + part, mask=g < G, other=-1e30)
-            m_new = tl.maximum(m, m_s)
-            a, a_s = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
-            total = total * a + tl.load(S + part, mask=g < G, other=0.0) * a_s
-            o_s = tl.load(O + part[:, None] * HD + d[None, :], mask=(g < G)[:, None], other=0.0)
-            acc = acc * a[:, None] + o_s * a_s[:, None]
-            m = m_new
-            split += 1
-        out = tl.where(total[:, None] > 0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
-        tl.store(OUT + b * sob + (kv * G + g)[:, None] * soh + d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(g < G)[:, None])
-
-    @torch.library.triton_op("tunesmith::decode_attention", mutates_args=())
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                block_n: int, splits: int) -> torch.Tensor:
-        B, H, _, hd = q.shape
-        n_kv, L = k.shape[1], k.shape[2]
-        G = H // n_kv
-        G_PAD = max(16, triton.next_power_of_2(G))
-        o = torch.empty((B * n_kv, splits, G_PAD, hd), device=q.device, dtype=torch.float32)
-        m = torch.empty((B * n_kv, splits, G_PAD), device=q.device, dtype=torch.float32)
-        s = torch.empty_like(m)
-        out = torch.empty((B, H, 1, hd), device=q.device, dtype=q.dtype)
-        torch.library.wrap_triton(_partials)[(B * n_kv, splits)](
-            q, k, v, lo, hi, o, m, s, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), L, SCALE=hd**-0.5 * LOG2E, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-            BLOCK_N=block_n, SPLITS=splits, DOT_F32=INTERPRETING)
-        torch.library.wrap_triton(_combine)[(B * n_kv,)](
-            o, m, s, lo, hi, out, out.stride(0), out.stride(1), L, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-            BLOCK_N=block_n, SPLITS=splits)
-        return out
 
 
 BLOCK_N = 128  # slots per block (bench/infer.py --parts attention: 128 beat 32 and 64 at 1 and 16 rows)
@@ -165,6 +71,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SlotRange, b
     B, n_kv, L = q.shape[0], k.shape[1], k.shape[2]
     block_n = block_n or BLOCK_N
     if splits is None:
-        splits = min(16, triton.next_power_of_2(triton.cdiv(256, B * n_kv)), triton.cdiv(L, block_n))
+        splits = min(16, 1 << (-(-256 // (B * n_kv)) - 1).bit_length(), -(-L // block_n))  # a power of 2
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    return _attend(q, k, v, span.lo, span.hi, block_n, max(1, splits))
+    return _kernels.attend(q, k, v, span.lo, span.hi, block_n, max(1, splits))
+
+
+if INTERPRETING:  # tests: every decode step attends through the kernels
+    load_kernels()

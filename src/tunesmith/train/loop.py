@@ -381,6 +381,33 @@ def prewarm() -> None:
         pass
 
 
+class Phases:
+    """Wall seconds of a run's phases, for summary.json: `startup` is from the process's start (Python and the
+    imports) to the run's; each `mark(name)` closes the phase since the previous mark."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+        started = process_start_time()
+        if started is not None:
+            self.seconds["startup"] = round(self._last - started, 2)
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def process_start_time() -> float | None:
+    """This process's start as a Unix time (Linux /proc, 10 ms resolution); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # seconds since boot, now
+        return time.time() - uptime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # stat field 22: start, ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -402,6 +429,7 @@ def sft(args: SftArgs) -> int:
 
 def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -> "Trainer":
     """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy)."""
+    phases = Phases()
     args = resolve_defaults(args)
     seed_everything(args.seed)
     device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
@@ -409,6 +437,7 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
     train_convs, val_convs, distill = load_training_data(args)
+    phases.mark("data")
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
@@ -416,6 +445,7 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         warm.start()
         lm = load_model(args.model, args.torch_dtype, device)
         warm.join()
+    phases.mark("load")
     if args.template:
         from tunesmith.infer import override_template
 
@@ -432,7 +462,9 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if not train:
         raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
                         f"{args.max_length} or have no assistant answer.")
+    phases.mark("encode")
     trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
+    phases.mark("setup")
     main = trainer.dp.is_main  # rank 0 alone writes and talks
     if main:
         ckpt_io.write_json(run_dir / ckpt_io.ARGS_FILE, trainer.checkpoint_args())
@@ -453,7 +485,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     t0 = time.time()
     last = trainer.fit()
     trainer.seconds = time.time() - t0
-    summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1),
+    phases.mark("fit")
+    summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1), "phases_s": phases.seconds,
                "peak_memory_gib": round(peak_memory_gib(device), 3), "last_checkpoint": str(last),
                "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
                "final_loss": trainer.losses[-1] if trainer.losses else None}
