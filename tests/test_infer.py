@@ -347,6 +347,29 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
             (w.text, w.finish_reason, w.completion_tokens), asks[k]
     assert steps < sum(w.completion_tokens for w in want)  # the answers really were decoded together
 
+    # Answers that join together are prefilled together: one forward per adapter among them (prompts of different
+    # lengths padded after their end), or more when they exceed the prefill token budget; same answers.
+    import tunesmith.generate as generate
+
+    forwards = []
+    prefill = lm.model.prefill_static
+    lm.model.prefill_static = lambda ids, *a, **k: forwards.append(ids.shape) or prefill(ids, *a, **k)
+    try:
+        for budget, want_forwards in ((generate.PREFILL_TOKENS, 2), (40, 4)):
+            generate.PREFILL_TOKENS, budget = budget, generate.PREFILL_TOKENS
+            together = DecodeSlots(gen, rows=4, max_len=256)
+            texts, ends, forwards[:] = [""] * 4, [None] * 4, []
+            for k in range(4):
+                assert together.join(k, prompts[k], asks[k][2], asks[k][0]) == []
+            while together.active:
+                take(together.step())
+            generate.PREFILL_TOKENS = budget
+            assert len(forwards) == want_forwards, forwards  # adapter and base rows; then the budget splits more
+            for k in range(4):
+                assert (texts[k], ends[k].completion_tokens) == (want[k].text, want[k].completion_tokens), asks[k]
+    finally:
+        lm.model.prefill_static = prefill
+
     # Batch inference (continuous batching, in input order) keeps the adapter the caller chose.
     set_active_adapter(lm.model, "default")
     many = list(gen.complete_many([prompts[0], prompts[3], prompts[0]], greedy(40), rows=2))

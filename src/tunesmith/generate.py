@@ -288,6 +288,10 @@ class _Stream:
     gen: torch.Generator | None
     pos: int = 0  # the slot the row's next fed token is written to
     sampled: int = 0  # tokens sampled on the device so far; the host has read fewer while a step is in flight
+    prompt: list[int] | None = None  # until the next step prefills it
+
+
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward when several answers join at once
 
 
 class DecodeSlots:
@@ -338,8 +342,10 @@ class DecodeSlots:
 
     @torch.inference_mode()
     def join(self, key, prompt_ids: list[int], cfg: SamplingConfig, adapter: str | None = None,
-             token_sink: list[int] | None = None):
-        """Prefill one answer into a free row; returns the events of its first token (and of a step in flight)."""
+             token_sink: list[int] | None = None) -> list:
+        """Give one answer a free row. Its prompt is prefilled by the next `step`, together with every other
+        prompt that joined since (one forward per adapter, not one per prompt, and one wait for the GPU), and that
+        step's events carry its first token. Returns no events (a list, for callers that collect them)."""
         if not prompt_ids:
             raise UserError("the prompt is empty.")
         if len(prompt_ids) >= self.capacity:
@@ -353,22 +359,48 @@ class DecodeSlots:
             seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             seen.index_fill_(0, self._dev(prompt_ids), True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
-        s = _Stream(key, cfg, adapter, len(prompt_ids), min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
-                    TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids))
-        self._use(adapter)
-        logits = self.g.model.prefill_static(torch.tensor([prompt_ids], device=self.device), self.cache.row(b))
-        self.streams[b] = s
-        self._sample({b: logits[0]})
-        events = self._collect()  # the step in flight, if any, then this row's first token
-        self._launch_copy([(b, s)])
-        return events + self._collect()
+        self.streams[b] = _Stream(key, cfg, adapter, len(prompt_ids),
+                                  min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
+                                  TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids),
+                                  prompt=list(prompt_ids))
+        return []
+
+    def _prefill_joined(self) -> list:
+        """Prefill the prompts that joined since the last step and sample their first tokens: rows of one adapter
+        go through one forward, right-padded to the longest (up to PREFILL_TOKENS tokens per forward). Returns the
+        events of the step in flight and the new rows' first tokens."""
+        joined = [(b, s) for b, s in enumerate(self.streams) if s is not None and s.prompt is not None]
+        if not joined:
+            return []
+        groups: dict[str | None, list[tuple[int, _Stream]]] = {}
+        for b, s in joined:
+            groups.setdefault(s.adapter, []).append((b, s))
+        for adapter, group in groups.items():
+            self._use(adapter)
+            while group:
+                n = 1
+                while n < len(group) and (n + 1) * max(len(s.prompt) for _, s in group[: n + 1]) <= PREFILL_TOKENS:
+                    n += 1
+                chunk, group = group[:n], group[n:]
+                T = max(len(s.prompt) for _, s in chunk)
+                ids = self._dev([s.prompt + [0] * (T - len(s.prompt)) for _, s in chunk])
+                last = self._dev([len(s.prompt) - 1 for _, s in chunk])
+                logits = self.g.model.prefill_static(ids, self.cache.rows(self._dev([b for b, _ in chunk])), last)
+                self._sample({b: logits[i] for i, (b, _) in enumerate(chunk)})
+        for _, s in joined:
+            s.prompt = None
+        events = self._collect()  # the step in flight, if any (its host copy is read before the next is made)
+        self._launch_copy(joined)
+        return events + self._collect()  # one wait for all the new rows' first tokens
 
     @torch.inference_mode()
     def step(self):
-        """Launch one token for every row that may still need one; returns the events of the step before."""
+        """Prefill the answers that joined, then launch one token for every row that may still need one; returns
+        the events of the step before (and the joined answers' first tokens)."""
+        joined = self._prefill_joined()
         rows = [b for b, s in enumerate(self.streams) if s is not None and s.sampled < s.max_new]
         if not rows:
-            return self._collect()
+            return joined + self._collect()
         t0 = time.perf_counter()
         graphs = self.g.compiled and self.device.type == "cuda"
         if graphs:
@@ -397,7 +429,7 @@ class DecodeSlots:
         self._launch_copy(launched)
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
-        return events
+        return joined + events
 
     def leave(self, key) -> None:
         """Drop every answer of `key` (cancelled, timed out) and free their rows."""

@@ -202,18 +202,22 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.kv_len: int | None = None
+        self.row_ids: torch.Tensor | None = None  # set on a rows() view
 
-    def row(self, b: int) -> "StaticKVCache":
-        """Row b alone, sharing storage: one stream's prefill writes straight into the batch cache."""
+    def rows(self, rows: torch.Tensor) -> "StaticKVCache":
+        """Rows `rows` (a (B,) index tensor) of this cache, sharing storage: prefills of fresh streams write
+        straight into the batch cache's rows, whichever rows are free."""
         view = object.__new__(StaticKVCache)
-        view.k, view.v = [k[b : b + 1] for k in self.k], [v[b : b + 1] for v in self.v]
-        view.max_len, view.kv_len = self.max_len, None
+        view.k, view.v, view.max_len, view.kv_len = self.k, self.v, self.max_len, None
+        view.row_ids = rows
         return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        rows = (self.row_ids if self.row_ids is not None else torch.arange(k.shape[0], device=k.device))[:, None]
         self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, n_kv, hd) into each row's own slots
         self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        if self.row_ids is not None:  # a prefill from slot 0 (prefill_static): it attends to its own keys only
+            return k, v
         if self.kv_len is None:
             return self.k[layer], self.v[layer]
         return self.k[layer][:, :, : self.kv_len], self.v[layer][:, :, : self.kv_len]
@@ -492,8 +496,10 @@ class Decoder(nn.Module):
         assert not self.config.tie_embeddings and not self.model.embed_tokens.weight.requires_grad
         self.model.embed_tokens.to(device)
 
-    def forward_static(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Next-token logits (B, vocab) after tokens written at slots `pos` (B, T) of a StaticKVCache.
+    def forward_static(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache,
+                       last: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, vocab) after tokens written at slots `pos` (B, T) of a StaticKVCache (after each
+        row's token `last[b]` when given, else its final one).
 
         Decode (T = 1, the shape `torch.compile` captures in a CUDA graph): each row is its own stream at its own
         position; keys beyond a query's position are masked, so stale slots never leak in. With `cache.kv_len` set
@@ -511,15 +517,19 @@ class Decoder(nn.Module):
             mask = (slots[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, slots)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, pos)
-        return self.logits(self.model.norm(x[:, -1]))
+        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), last]
+        return self.logits(self.model.norm(x))
 
-    def prefill_static(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Prompts (B, T) of fresh streams into slots 0..T-1 of `cache` (or a `cache.row(b)` view): logits (B, V)."""
+    def prefill_static(self, input_ids: torch.Tensor, cache: StaticKVCache, last: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Prompts (B, T) of fresh streams into slots 0..T-1 of `cache` (or a `cache.rows(...)` view): logits
+        (B, V) after each row's token `last[b]` (prompts shorter than T are padded after their end: causal
+        attention keeps the pads out of the real tokens, and decoding overwrites their slots before reading them)."""
         B, T = input_ids.shape
         cache.kv_len = T
         try:
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
-            return self.forward_static(input_ids, pos, cache)
+            return self.forward_static(input_ids, pos, cache, last)
         finally:
             cache.kv_len = None
 
