@@ -280,6 +280,27 @@ def bench_slots(model_dir: Path, streams: int) -> None:
               "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
               "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)})
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if DEVICE != "cuda":
+        return
+    # Host waits for the GPU inside the loop undo its pipelining (two were found this way, session 16): count what
+    # torch's sync debug mode reports over a wave of greedy, sampled and penalized answers (0 expected).
+    import warnings
+
+    mixed = [cfg, SamplingConfig(max_new_tokens=16, min_new_tokens=8, temperature=0.8, top_p=0.9, top_k=50,
+                                 repetition_penalty=1.1, seed=1)]
+    for i, ids in enumerate(prompts):
+        batch.join(i, ids, mixed[i % 2])
+    batch.step()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        for _ in range(8):
+            batch.step()
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+    emit({"part": "slots", "check": "host waits for the GPU in 8 steps of 16 mixed answers", "syncs": len(syncs)})
+    while batch.active:
+        batch.step()
 
 
 def bench_attention() -> None:
