@@ -318,6 +318,8 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
         (None, "Tell me a story about a cat.", SamplingConfig(max_new_tokens=30, temperature=0.9, seed=7)),
         ("default", "What is the capital of France?", greedy(30, stop=(" Paris",))),
         (None, "Count from one to ten.", greedy(12, repetition_penalty=1.3)),
+        ("default", "Count from one to ten.", SamplingConfig(max_new_tokens=16, temperature=0.8, top_k=40,
+                                                             repetition_penalty=1.2, seed=3)),
     ]
     prompts = [gen.chat_prompt(user(q), SYSTEM) for _, q, _ in asks]
     want = []

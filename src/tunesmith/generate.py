@@ -284,7 +284,7 @@ class _Stream:
     prompt_tokens: int
     max_new: int
     text: TextOut
-    seen: torch.Tensor | None  # prompt + answer tokens, for the repetition penalty (updated on the device)
+    seen: torch.Tensor | None  # its row of DecodeSlots._seen when it has a repetition penalty
     gen: torch.Generator | None
     pos: int = 0  # the slot the row's next fed token is written to
     sampled: int = 0  # tokens sampled on the device so far; the host has read fewer while a step is in flight
@@ -322,6 +322,7 @@ class DecodeSlots:
         self._inflight: tuple | None = None  # (event, [(row, stream)]) of the last step, not yet read back
         self._eos_ids = self._dev(self.eos)
         self._neg_inf = torch.tensor(float("-inf"), device=self.device)
+        self._seen: torch.Tensor | None = None  # (rows, vocab): prompt + answer tokens, for repetition penalties
         self._adapter: object = object()  # unknown until the first call sets it
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
         self.wait_seconds = 0.0  # of which waiting for the device to finish the step before (benchmarks)
@@ -356,7 +357,10 @@ class DecodeSlots:
         vocab = self.g.model.config.vocab_size
         seen = None
         if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            if self._seen is None:
+                self._seen = torch.zeros(len(self.streams), vocab, dtype=torch.bool, device=self.device)
+            seen = self._seen[b]
+            seen.zero_()
             seen.index_fill_(0, self._dev(prompt_ids), True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
         self.streams[b] = _Stream(key, cfg, adapter, len(prompt_ids),
@@ -435,9 +439,9 @@ class DecodeSlots:
         """Drop every answer of `key` (cancelled, timed out) and free their rows."""
         self.streams = [None if s is not None and s.key == key else s for s in self.streams]
 
-    def _dev(self, values: list) -> torch.Tensor:
+    def _dev(self, values: list, dtype=torch.long) -> torch.Tensor:
         """A small host list as a device tensor without waiting for the device (a plain copy would)."""
-        t = torch.tensor(values, dtype=torch.long, pin_memory=self._pinned)
+        t = torch.tensor(values, dtype=dtype, pin_memory=self._pinned)
         return t.to(self.device, non_blocking=True)
 
     def _sample(self, logits: dict[int, torch.Tensor]) -> None:
@@ -447,14 +451,23 @@ class DecodeSlots:
         blocked = [i for i, b in enumerate(rows) if self.streams[b].sampled < self.streams[b].cfg.min_new_tokens]
         if blocked and self.eos:  # a device tensor as the value: a Python float here made the host wait for the GPU
             stacked[self._dev(blocked)[:, None], self._eos_ids] = self._neg_inf
+        streams = [self.streams[b] for b in rows]
+        penalized = [i for i, s in enumerate(streams) if s.seen is not None]
+        if penalized:  # the repetition penalty of every row at once, as sample() applies it to one
+            idx = self._dev(penalized)
+            pen = self._dev([streams[i].cfg.repetition_penalty for i in penalized], torch.float32)[:, None]
+            part = stacked[idx]
+            part = torch.where(self._seen[self._dev([rows[i] for i in penalized])], torch.where(
+                part > 0, part / pen, part * pen), part)
+            stacked = stacked.index_copy(0, idx, part)
         picked = stacked.argmax(-1)
-        for i, b in enumerate(rows):
-            s = self.streams[b]
-            if not _is_greedy(s.cfg):
-                picked[i] = sample(stacked[i], s.seen, s.cfg, s.gen)
-            if s.seen is not None:  # index_fill_: indexing by a device scalar would read it back (a wait)
-                s.seen.index_fill_(0, picked[i : i + 1], True)
+        for i, s in enumerate(streams):
+            if s.cfg.temperature > 0:  # penalized above; seeded rows keep their own generator
+                picked[i] = sample(stacked[i], s.seen, replace(s.cfg, repetition_penalty=1.0), s.gen)
             s.sampled += 1
+        if penalized:  # one flat index_fill_: indexing by device scalars would read them back (a wait)
+            flat = self._dev([rows[i] for i in penalized]) * self._seen.shape[1] + picked[idx]
+            self._seen.view(-1).index_fill_(0, flat, True)
         self.tokens[self._dev(rows), 0] = picked
 
     def _launch_copy(self, launched: list[tuple[int, _Stream]]) -> None:
@@ -517,10 +530,6 @@ def cudagraph_thread_setup() -> None:
         local.tree_manager_locks = defaultdict(threading.Lock)
         torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
         torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
-
-
-def _is_greedy(cfg: SamplingConfig) -> bool:
-    return cfg.temperature <= 0 and cfg.repetition_penalty == 1.0
 
 
 class TextOut:
