@@ -249,6 +249,23 @@ def bench_steps(model_dir: Path, streams: int) -> None:
               "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
 
 
+def drive_alone(batch, prompts: list[list[int]], cfg) -> dict:
+    """Every prompt through a DecodeSlots from this thread (NEW tokens each): wall time and per-step figures."""
+    counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
+    t0 = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        batch.join(i, ids, cfg)
+    while batch.active:
+        batch.step()
+    wall = time.perf_counter() - t0
+    steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
+        batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
+    return {"wall_s": round(wall, 2), "aggregate_tok_s": round(len(prompts) * NEW / wall, 1), "decode_steps": steps,
+            "ms_per_step_in_engine": round(busy / steps * 1000, 2),
+            "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
+            "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)}
+
+
 def bench_slots(model_dir: Path, streams: int) -> None:
     import cProfile
     import pstats
@@ -262,23 +279,11 @@ def bench_slots(model_dir: Path, streams: int) -> None:
     prompts = [prompt_ids(64, 1000 + i) for i in range(streams)]
     prof = cProfile.Profile()
     for rep in range(3):  # the first compiles the step
-        counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
         if rep == 2:
             prof.enable()
-        t0, tokens = time.perf_counter(), 0
-        for i, ids in enumerate(prompts):
-            batch.join(i, ids, cfg)
-        while batch.active:
-            tokens += sum(1 for _, d in batch.step() if d.text)
-        wall = time.perf_counter() - t0
+        figures = drive_alone(batch, prompts, cfg)
         prof.disable()
-        steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
-            batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
-        emit({"part": "slots", "rep": rep, "streams": streams, "profiled": rep == 2, "wall_s": round(wall, 2),
-              "aggregate_tok_s": round(streams * NEW / wall, 1), "decode_steps": steps,
-              "ms_per_step_in_engine": round(busy / steps * 1000, 2),
-              "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
-              "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)})
+        emit({"part": "slots", "rep": rep, "streams": streams, "profiled": rep == 2, **figures})
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if DEVICE != "cuda":
         return
@@ -447,20 +452,8 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
 
     cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)
     for rep in range(2):
-        counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
-        t0, tokens = time.perf_counter(), 0
-        for i, ids in enumerate(prompts):
-            batch.join(i, ids, cfg)
-        while batch.active:
-            tokens += sum(1 for _, d in batch.step() if d.text)
-        wall = time.perf_counter() - t0
-        steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
-            batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
         emit({"part": "server", "impl": "the server's DecodeSlots alone (no HTTP)", "rep": rep, "streams": streams,
-              "wall_s": round(wall, 2), "aggregate_tok_s": round(streams * NEW / wall, 1), "decode_steps": steps,
-              "ms_per_step_in_engine": round(busy / steps * 1000, 2),
-              "ms_per_step_waiting_for_gpu": round(wait / steps * 1000, 2),
-              "ms_per_step_launching_the_graph": round(launch / steps * 1000, 2)})
+              **drive_alone(batch, prompts, cfg)})
 
 
 

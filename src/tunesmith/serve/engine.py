@@ -196,7 +196,7 @@ class Engine:
                     self._waiting.popleft()
             ids, cfg = job.prompts[i]
             try:
-                self._deliver(self.batch.join((job, i), ids, cfg, job.adapter))
+                self.batch.join((job, i), ids, cfg, job.adapter)  # its first token comes with the next step
             except UserError as e:
                 job._emit("failure", Failure(400, str(e)))
                 self._leave(job)
