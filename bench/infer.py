@@ -14,10 +14,14 @@ values). Parts:
   server  16 concurrent streamed /v1/completions requests (64-token prompts, 256 tokens each) through the real
           `tunesmith deploy` app (uvicorn + httpx): aggregate completion tok/s; beside it HF generate on a batch of
           the same 16 prompts.
-  steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, with
-          decode attention through the slot kernel (ops/decode_attention.py) and through the masked reference.
+  steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, for each
+          of --variants: tunesmith's kernels (slot attention, ops/gemv.py's one-row products), inductor's
+          products, every product through ops/gemv.py, the masked attention reference.
   slots   the server's decode loop without the server: DecodeSlots of 16 rows x 2,048 slots driven from one thread
           (16 64-token prompts, 256 tokens each): aggregate tok/s, host time per step, and a cProfile of the loop.
+  gemv    batch-1 matrix-vector products of every Qwen2.5-7B shape (each weight read from HBM, not L2): cuBLAS,
+          inductor's coordinate-descent reduction (what a compiled step used), and ops/gemv_kernels.py's Triton
+          kernel over a grid of tile shapes; TB/s of weights read.
   attention  decode attention alone (28 layers' worth in one CUDA graph) over caches with few and many slots
           filled: the slot kernel at several block sizes vs the masked reference, microseconds per layer.
 """
@@ -205,48 +209,60 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     free()
 
 
-def bench_steps(model_dir: Path, streams: int) -> None:
+STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes)
+    "kernels": (True, None),  # what tunesmith runs: gemv.ROLES as shipped
+    "inductor products": (True, set()),
+    "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}),
+    "masked reference": (False, set()),
+}
+
+
+def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: list[str]) -> None:
     """The decode step alone, as its CUDA graph replays: ms per step and where its GPU time goes, at batch 1
     (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape), 300 slots filled;
-    attention through the slot kernel and through the masked reference (a fresh compile each), same inputs."""
+    each variant (STEP_VARIANTS: which kernels the step uses) a fresh compile, same inputs, logits compared."""
     from kernels import profile
 
     from tunesmith.generate import Generator, cudagraph_thread_setup
     from tunesmith.model.load import load_model
-    from tunesmith.ops import decode_attention
+    from tunesmith.ops import decode_attention, gemv
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
     emb = lm.model.model.embed_tokens.weight
     embed_bytes = 0 if lm.model.config.tie_embeddings else emb.numel() * emb.element_size()  # one row read a step
     read = sum(p.numel() * p.element_size() for p in lm.model.parameters()) - embed_bytes
     logits = {}
-    for kernel in (True, False):
-        decode_attention.ENABLED = kernel
+    shipped = set(gemv.ROLES)
+    for variant in variants:
+        decode_attention.ENABLED, roles = STEP_VARIANTS[variant]
+        gemv.ROLES = shipped if roles is None else roles
+        torch._dynamo.reset()
         g = Generator(lm)
         cudagraph_thread_setup()
-        for rows, slots in ((1, g.static_len), (streams, 2048)):
+        for rows, slots in ((n, g.static_len if n == 1 else 2048) for n in row_counts):
             cache = g.static_cache(rows, slots)
             tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
             pos = torch.full((rows, 1), 300, device=DEVICE)
-            label = f"decode step, {rows} row(s) x {slots} slots, {'slot kernel' if kernel else 'masked reference'}"
+            label = f"decode step, {rows} row(s) x {slots} slots, {variant}"
             with torch.inference_mode():
                 step = lambda: g._compiled_step(tok, pos, cache)  # noqa: E731
                 compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
                 ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
-                logits[(kernel, rows)] = step().float().clone()
+                logits[(variant, rows)] = step().float().clone()
                 emit({"part": "steps", "case": label, "graph_step_ms": round(ms, 3), "compile_s": round(compile_s, 1),
                       "weights_read_tb_per_s": round(read / 1e9 / ms, 2)})
                 if DEVICE == "cuda":
-                    profile(step, label, steps=20, top=12)
+                    profile(step, label, steps=20, top=12 if len(variants) > 1 else 40)
             del cache
             free()
         del g
-    decode_attention.ENABLED = True
-    for rows in (1, streams):  # the caches hold the same keys (written by the same steps): same logits
-        a, b = logits[(True, rows)], logits[(False, rows)]
-        emit({"part": "steps", "check": "slot kernel vs masked reference, last step's logits", "rows": rows,
-              "max_abs_diff": round((a - b).abs().max().item(), 4), "logit_scale": round(b.abs().max().item(), 2),
-              "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
+    decode_attention.ENABLED, gemv.ROLES = True, shipped
+    for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
+        for rows in row_counts:
+            a, b = logits[(variants[0], rows)], logits[(variant, rows)]
+            emit({"part": "steps", "check": f"{variants[0]} vs {variant}, last step's logits", "rows": rows,
+                  "max_abs_diff": round((a - b).abs().max().item(), 4), "logit_scale": round(b.abs().max().item(), 2),
+                  "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
 
 
 def drive_alone(batch, prompts: list[list[int]], cfg) -> dict:
@@ -343,6 +359,58 @@ def bench_attention() -> None:
             del graph
         del ks, vs
         free()
+
+
+def bench_gemv() -> None:
+    import torch._inductor.config as inductor
+    import torch.nn.functional as F
+
+    from tunesmith.ops import gemv_kernels
+
+    inductor.coordinate_descent_tuning = True
+    shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
+              "lm_head": (152064, 3584)}
+    per_token = {"qkv": 28, "o": 28, "gate_up": 28, "down": 28, "lm_head": 1}
+    configs = [(bn, bk, wp, st) for bn in (2, 4, 8, 16) for bk in (512, 1024) for wp in (4, 8) for st in (1, 3)]
+    best_ms = {}
+    for name, (N, K) in shapes.items():
+        copies = max(2, -(-600_000_000 // (N * K * 2)))  # > the 50 MB L2 many times over
+        ws = [torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+        want = F.linear(x.float(), ws[0].float())
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, w: F.linear(x, w), dynamic=False)
+        impls = {"cublas": lambda w: F.linear(x, w), "inductor": lambda w: compiled(x, w)}
+        for cfg in configs:
+            impls["triton bn%d bk%d w%d s%d" % cfg] = lambda w, c=cfg: gemv_kernels.launch(x, w, None, *c)
+        results = []
+        for impl, fn in impls.items():
+            try:
+                err = (fn(ws[0]).float() - want).abs().max().item()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w in ws:
+                        fn(w)
+                graph.replay()
+                t = sync_time(lambda: [graph.replay() for _ in range(10)])[0] / 10 / copies
+                del graph
+            except Exception as e:  # a tile shape this GPU cannot run
+                emit({"part": "gemv", "shape": name, "impl": impl, "error": str(e)[:200]})
+                continue
+            results.append((t, impl, err))
+        results.sort()
+        for t, impl, err in results[:6] + [r for r in results[6:] if r[1] in ("cublas", "inductor")]:
+            emit({"part": "gemv", "shape": name, "N": N, "K": K, "impl": impl, "us": round(t * 1e6, 1),
+                  "tb_per_s": round(N * K * 2 / t / 1e12, 2), "max_abs_diff": round(err, 4)})
+        best_ms[name] = {impl: t * 1e3 for t, impl, _ in results}
+        del ws
+        free()
+    for impl in ("cublas", "inductor"):
+        emit({"part": "gemv", "per_token_ms": impl,
+              "ms": round(sum(best_ms[s][impl] * per_token[s] for s in shapes), 3)})
+    emit({"part": "gemv", "per_token_ms": "best triton per shape",
+          "ms": round(sum(min(v for k, v in best_ms[s].items() if k.startswith("triton")) * per_token[s]
+                          for s in shapes), 3)})
 
 
 def client_wave(url: str, prompts: list[list[int]]) -> tuple[float, list[tuple[int, float]]]:
@@ -464,6 +532,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--step-rows", type=int, nargs="+", default=None, help="steps part: rows (default 1 and --streams)")
+    ap.add_argument("--variants", nargs="+", default=["kernels", "masked reference"], choices=list(STEP_VARIANTS),
+                    help="steps part: which kernels the compiled step uses (one variant: a longer profile)")
     ap.add_argument("--no-hf", action="store_true", help="tunesmith only (the HF baselines were measured before)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the bench itself on a tiny model")
     a = ap.parse_args()
@@ -477,7 +548,8 @@ def main() -> None:
         t0 = time.time()
         {"load": lambda: bench_load(a.model_dir), "decode": lambda: bench_decode(a.model_dir, a.runs, a.no_hf),
          "server": lambda: bench_server(a.model_dir, a.streams, a.no_hf),
-         "steps": lambda: bench_steps(a.model_dir, a.streams), "attention": bench_attention,
+         "steps": lambda: bench_steps(a.model_dir, a.streams, a.step_rows or [1, a.streams], a.variants), "attention": bench_attention,
+         "gemv": bench_gemv,
          "slots": lambda: bench_slots(a.model_dir, a.streams)}[part]()
         emit({"event": "part_done", "part": part, "seconds": round(time.time() - t0, 1)})
 

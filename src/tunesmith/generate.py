@@ -17,6 +17,7 @@ from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import active_adapter, set_active_adapter
 from tunesmith.ops import decode_attention as slot_attention
+from tunesmith.ops import gemv
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Generator:
 
             inductor.coordinate_descent_tuning = True  # tunes the matrix-vector kernels that decoding is made of
             slot_attention.load_kernels()  # the decode step attends through them (imported here, not while tracing)
+            gemv.load_kernels()  # and takes its one-row products through this one
             self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True,
                                                dynamic=False)  # one CUDA graph per batch shape
 

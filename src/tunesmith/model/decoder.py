@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from tunesmith.errors import UserError
 from tunesmith.ops import decode_attention as slot_attention
+from tunesmith.ops import gemv
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
@@ -282,7 +283,7 @@ class Attention(nn.Module):
         hd = self.cfg.head_dim
         if fused_ready(self.qkv, self.q_proj, self.k_proj, self.v_proj):
             nq, nkv = self.cfg.num_heads * hd, self.cfg.num_kv_heads * hd
-            q, k, v = F.linear(x, *self.qkv).split([nq, nkv, nkv], -1)
+            q, k, v = gemv.linear(x, *self.qkv, role="qkv").split([nq, nkv, nkv], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, -1, hd)  # (B, T, n_heads, hd)
@@ -302,7 +303,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = sdpa(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), "o")
 
 
 class MLP(nn.Module):
@@ -315,10 +316,19 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if fused_ready(self.gate_up, self.gate_proj, self.up_proj):
-            gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
+            gate, up = gemv.linear(x, *self.gate_up, role="gate_up").chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return project(self.down_proj, F.silu(gate) * up, "down")
+
+
+def project(mod: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    """mod(x); a plain linear (or a LoRA-wrapped one with no adapter active) goes through gemv.linear, which
+    takes one-row products of compiled decode steps."""
+    base = getattr(mod, "base_layer", mod)
+    if getattr(mod, "active", None) is None and isinstance(base, nn.Linear):
+        return gemv.linear(x, base.weight, base.bias, role)
+    return mod(x)
 
 
 def fuse_linears(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -562,4 +572,4 @@ class Decoder(nn.Module):
             layer.self_attn.qkv = layer.mlp.gate_up = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight)
+        return gemv.linear(hidden, self.lm_head_weight, None, "lm_head")

@@ -1,0 +1,70 @@
+"""One-row matrix-vector products for batch-1 decoding (Triton), with tile shapes pinned per weight shape.
+
+At batch 1 a decode step is ~200 matrix-vector products that read 14.1 GB of weights (Qwen2.5-7B), so its speed
+is the bandwidth those products reach. Inductor compiles them as reductions whose tile shapes coordinate-descent
+tuning picks anew in every compile; on the H200 the down projection (fused with SwiGLU) ran at 2.7 TB/s, and
+the same fused kernel took 0.91 or 1.16 ms per step in two compiles. Here each program reads BLOCK_N whole rows
+of W in BLOCK_K-wide tiles and sums them in fp32 (bench/infer.py --parts gemv measures every 7B shape against
+cuBLAS and inductor). Used only for one-row inputs in compiled CUDA steps (and under Triton's interpreter, which
+is how the CPU tests run it); everything else stays F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.ops.decode_attention import INTERPRETING
+
+ENABLED = True  # False: one-row products compiled from now on go through F.linear (benchmarks)
+# The decoder's products that take the kernel. bench/infer.py --parts steps (H200): qkv (cuBLAS there, 2.8 TB/s,
+# as its bias kept inductor's reduction away) and down (inductor fused SwiGLU into it: 2.7 TB/s) gain; o, gate_up
+# and lm_head are as fast under inductor, which also fuses the RMSNorm before them.
+ROLES = {"qkv", "down"}
+
+_kernels = None  # the kernel's module once load_kernels() imported it
+
+
+def load_kernels() -> bool:
+    """Import the kernel (outside compiled code: Generator calls it when it compiles on CUDA); False without
+    triton."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from tunesmith.ops import gemv_kernels
+        except ImportError:
+            return False
+        _kernels = gemv_kernels
+    return True
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
+    """Whether x @ weight.T should run through the kernel: x holds exactly one row, weight is a contiguous
+    half-precision (or fp32) matrix, no gradient is wanted, and this is a compiled CUDA step (or the interpreter)."""
+    if not ENABLED or role not in ROLES or _kernels is None or torch.is_grad_enabled():
+        return False
+    if x.numel() != weight.shape[-1] or x.stride(-1) != 1 or not weight.is_contiguous() or weight.dtype != x.dtype:
+        return False
+    return INTERPRETING or (x.is_cuda and torch.compiler.is_compiling())
+
+
+def tiles(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, session 17): 4 rows
+    x 512 columns a program was within 2% of the best of 32 tile shapes on every Qwen2.5-7B shape; the long rows
+    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 64 rows a program: it runs programs one
+    by one (a vocabulary-sized lm_head would be 38,000 of them)."""
+    if INTERPRETING:
+        return 64, 512, 4, 1
+    return 4, 512, 8 if k >= 8192 else 4, 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str) -> torch.Tensor:
+    """F.linear(x, weight, bias); through the kernel when x is one row and `role` (the decoder's name for the
+    product: qkv, o, gate_up, down, lm_head) is in ROLES."""
+    if not usable(x, weight, role):
+        return F.linear(x, weight, bias)
+    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape))
+
+
+if INTERPRETING:  # tests: one-row products run through the kernel
+    load_kernels()
