@@ -16,42 +16,31 @@ def test_kernel_equals_linear():
     out = run("""
         import torch
         import torch.nn.functional as F
-        from tunesmith.model.decoder import RMSNorm
         from tunesmith.ops import gemv, gemv_kernels
 
         torch.manual_seed(0)
         worst = {}
-        # shapes with and without whole tiles; bias, RMSNorm before and residual after each on and off; the
-        # shipped tile shapes and others. The reference is the unfused ops in the same dtype.
+        # shapes with and without whole tiles; with and without bias; the shipped tile shapes and others
         for N, K in [(64, 1024), (40, 300), (7, 96)]:
             for dtype in (torch.float32, torch.bfloat16):
                 w = (torch.randn(N, K) * 0.05).to(dtype)
-                x = (torch.randn(1, 1, K) * 3).to(dtype)
-                b, res = torch.randn(N).to(dtype), torch.randn(1, 1, N).to(dtype)
-                norm = RMSNorm(K, 1e-6).to(dtype)
-                torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+                x = torch.randn(1, 1, K).to(dtype)
+                b = torch.randn(N).to(dtype)
+                want = F.linear(x.double(), w.double(), b.double()).float()
                 for bias in (b, None):
-                    for nrm in (norm, None):
-                        for r in (res, None):
-                            with torch.no_grad():
-                                h = x if nrm is None else nrm(x)
-                                ref = F.linear(h.double(), w.double(), None if bias is None else bias.double())
-                                ref = ref.to(dtype)
-                                ref = (ref if r is None else r + ref).float()
-                            for tiles in ((4, 512, 4, 1), (8, 128, 4, 1), (1, 64, 2, 1)):
-                                got = gemv_kernels.gemv(x, w, bias, None if nrm is None else nrm.weight, 1e-6, r,
-                                                        *tiles)
-                                assert got.shape == (1, 1, N) and got.dtype == dtype
-                                key = str(dtype)
-                                worst[key] = max(worst.get(key, 0), (got.float() - ref).abs().max().item())
+                    ref = want if bias is not None else want - b.double().float()
+                    for tiles in ((4, 512, 4, 1), (8, 128, 4, 1), (1, 64, 2, 1)):
+                        got = gemv_kernels.gemv(x, w, bias, *tiles)
+                        assert got.shape == (1, 1, N) and got.dtype == dtype
+                        key = str(dtype)
+                        worst[key] = max(worst.get(key, 0), (got.float() - ref).abs().max().item())
                 assert not gemv.usable(x, w, "down")  # gradients wanted: F.linear
                 with torch.no_grad():
                     assert gemv.usable(x, w, "down") and not gemv.usable(torch.randn(2, K).to(dtype), w, "down")
         print(worst)
     """)
     worst = eval(out)
-    # bf16: the output's own rounding (one bf16 step of values up to ~8)
-    assert worst["torch.float32"] < 1e-4 and worst["torch.bfloat16"] < 7e-2, worst
+    assert worst["torch.float32"] < 1e-5 and worst["torch.bfloat16"] < 3e-2, worst
 
 
 def test_batch1_greedy_decoding_through_the_kernels_equals_the_plain_path(qwen_tiny_dir):

@@ -278,17 +278,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias): fuse_projections
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, cache_pos=None,
-                norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
-        """residual + attention(norm(x)) (norm and residual optional: gemv.linear fuses them into the products)."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, cache_pos=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         if fused_ready(self.qkv, self.q_proj, self.k_proj, self.v_proj):
             nq, nkv = self.cfg.num_heads * hd, self.cfg.num_kv_heads * hd
-            q, k, v = gemv.linear(x, *self.qkv, role="qkv", norm=norm).split([nq, nkv, nkv], -1)
+            q, k, v = gemv.linear(x, *self.qkv, role="qkv").split([nq, nkv, nkv], -1)
         else:
-            h = x if norm is None else norm(x)
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, -1, hd)  # (B, T, n_heads, hd)
         k = k.view(B, T, -1, hd)  # (B, T, n_kv, hd)
         v = v.view(B, T, -1, hd)
@@ -306,7 +303,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = sdpa(q, k, v, mask)
-        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), "o", residual)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), "o")
 
 
 class MLP(nn.Module):
@@ -317,24 +314,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up: tuple[torch.Tensor, None] | None = None  # fused weight: fuse_projections
 
-    def forward(self, x, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
-        """residual + SwiGLU(norm(x)) (norm and residual optional, as in Attention)."""
+    def forward(self, x):
         if fused_ready(self.gate_up, self.gate_proj, self.up_proj):
-            gate, up = gemv.linear(x, *self.gate_up, role="gate_up", norm=norm).chunk(2, -1)
+            gate, up = gemv.linear(x, *self.gate_up, role="gate_up").chunk(2, -1)
         else:
-            h = x if norm is None else norm(x)
-            gate, up = self.gate_proj(h), self.up_proj(h)
-        return project(self.down_proj, F.silu(gate) * up, "down", residual)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return project(self.down_proj, F.silu(gate) * up, "down")
 
 
-def project(mod: nn.Module, x: torch.Tensor, role: str, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """residual + mod(x); a plain linear (or a LoRA-wrapped one with no adapter active) goes through gemv.linear,
-    which takes one-row products of compiled decode steps."""
+def project(mod: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    """mod(x); a plain linear (or a LoRA-wrapped one with no adapter active) goes through gemv.linear, which
+    takes one-row products of compiled decode steps."""
     base = getattr(mod, "base_layer", mod)
     if getattr(mod, "active", None) is None and isinstance(base, nn.Linear):
-        return gemv.linear(x, base.weight, base.bias, role, residual=residual)
-    y = mod(x)
-    return y if residual is None else residual + y
+        return gemv.linear(x, base.weight, base.bias, role)
+    return mod(x)
 
 
 def fuse_linears(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -392,8 +386,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, cache_pos=None):
-        x = self.self_attn(x, cos, sin, mask, cache, cache_pos, norm=self.input_layernorm, residual=x)
-        return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Embedding(nn.Embedding):
@@ -534,7 +528,7 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, pos)
         x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), last]
-        return self.logits(x, norm=self.model.norm)
+        return self.logits(self.model.norm(x))
 
     def prefill_static(self, input_ids: torch.Tensor, cache: StaticKVCache, last: torch.Tensor | None = None
                        ) -> torch.Tensor:
@@ -577,6 +571,5 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.qkv = layer.mlp.gate_up = None
 
-    def logits(self, hidden: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """Logits of hidden states (after `norm`, when given: forward_static hands the final norm over to be fused)."""
-        return gemv.linear(hidden, self.lm_head_weight, None, "lm_head", norm=norm)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(hidden, self.lm_head_weight, None, "lm_head")

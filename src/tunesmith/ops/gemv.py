@@ -5,8 +5,7 @@ is the bandwidth those products reach. Inductor compiles them as reductions whos
 tuning picks anew in every compile; on the H200 the down projection (fused with SwiGLU) ran at 2.7 TB/s, and
 the same fused kernel took 0.91 or 1.16 ms per step in two compiles. Here each program reads BLOCK_N whole rows
 of W in BLOCK_K-wide tiles and sums them in fp32 (bench/infer.py --parts gemv measures every 7B shape against
-cuBLAS and inductor). The decoder's RMSNorm before a product and the residual add after it are fused in (they
-were separate kernels around an opaque op). Used only for one-row inputs in compiled CUDA steps (and under Triton's interpreter, which
+cuBLAS and inductor). Used only for one-row inputs in compiled CUDA steps (and under Triton's interpreter, which
 is how the CPU tests run it); everything else stays F.linear.
 """
 
@@ -18,9 +17,10 @@ import torch.nn.functional as F
 from tunesmith.ops.decode_attention import INTERPRETING
 
 ENABLED = True  # False: one-row products compiled from now on go through F.linear (benchmarks)
-# The decoder's products that take the kernel (bench/infer.py --parts steps --variants, H200, one row: step
-# 4.51 ms with inductor's products, 4.13 with qkv and down through the kernel, 4.04 with all of them).
-ROLES = {"qkv", "o", "gate_up", "down", "lm_head"}
+# The decoder's products that take the kernel. bench/infer.py --parts steps (H200): qkv (cuBLAS there, 2.8 TB/s,
+# as its bias kept inductor's reduction away) and down (inductor fused SwiGLU into it: 2.7 TB/s) gain; o, gate_up
+# and lm_head are as fast under inductor, which also fuses the RMSNorm before them.
+ROLES = {"qkv", "down"}
 
 _kernels = None  # the kernel's module once load_kernels() imported it
 
@@ -51,24 +51,19 @@ def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, session 17): 4 rows
     x 512 columns a program was within 2% of the best of 32 tile shapes on every Qwen2.5-7B shape; the long rows
-    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 1,024 rows a program: it runs programs
-    one by one (a vocabulary-sized lm_head would be 38,000 of them)."""
+    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 64 rows a program: it runs programs one
+    by one (a vocabulary-sized lm_head would be 38,000 of them)."""
     if INTERPRETING:
-        return 1024, 512, 4, 1
+        return 64, 512, 4, 1
     return 4, 512, 8 if k >= 8192 else 4, 1
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str, norm=None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """residual + F.linear(norm(x), weight, bias) (norm: the decoder's RMSNorm, or None; residual optional).
-    Through the kernel, norm and residual included, when x is one row and `role` (the decoder's name for the
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str) -> torch.Tensor:
+    """F.linear(x, weight, bias); through the kernel when x is one row and `role` (the decoder's name for the
     product: qkv, o, gate_up, down, lm_head) is in ROLES."""
-    if (not usable(x, weight, role) or (norm is not None and norm.weight.dtype != x.dtype)
-            or (residual is not None and (residual.stride(-1) != 1 or residual.dtype != x.dtype))):
-        y = F.linear(x if norm is None else norm(x), weight, bias)
-        return y if residual is None else residual + y
-    return _kernels.gemv(x, weight, bias, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                         residual, *tiles(*weight.shape))
+    if not usable(x, weight, role):
+        return F.linear(x, weight, bias)
+    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape))
 
 
 if INTERPRETING:  # tests: one-row products run through the kernel
