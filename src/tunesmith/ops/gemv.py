@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from tunesmith.ops.decode_attention import INTERPRETING
 
 ENABLED = True  # False: one-row products compiled from now on go through F.linear (benchmarks)
-# The decoder's products that take the kernel. bench/infer.py --parts steps (H200): qkv (cuBLAS there, 2.8 TB/s,
-# as its bias kept inductor's reduction away) and down (inductor fused SwiGLU into it: 2.7 TB/s) gain; o, gate_up
-# and lm_head are as fast under inductor, which also fuses the RMSNorm before them.
-ROLES = {"qkv", "down"}
+# The decoder's products that take the kernel (bench/infer.py --parts steps --variants, H200, one row: step
+# 4.51 ms with inductor's products, 4.13 with qkv and down through the kernel, 4.04 with all of them; fusing the
+# RMSNorm before a product into it as well made the products 0.24 ms slower per step, more than the 56 norm
+# kernels it removed: each program re-reads x for its sum of squares before its weights start streaming).
+ROLES = {"qkv", "o", "gate_up", "down", "lm_head"}
 
 _kernels = None  # the kernel's module once load_kernels() imported it
 
@@ -51,10 +52,10 @@ def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, session 17): 4 rows
     x 512 columns a program was within 2% of the best of 32 tile shapes on every Qwen2.5-7B shape; the long rows
-    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 64 rows a program: it runs programs one
-    by one (a vocabulary-sized lm_head would be 38,000 of them)."""
+    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 1,024 rows a program: it runs programs
+    one by one (a vocabulary-sized lm_head would be 38,000 of them)."""
     if INTERPRETING:
-        return 64, 512, 4, 1
+        return 1024, 512, 4, 1
     return 4, 512, 8 if k >= 8192 else 4, 1
 
 
