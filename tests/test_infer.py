@@ -337,17 +337,28 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
             texts[key] += d.text
             if d.finish_reason:
                 ends[key] = d
-    while queue or slots.active:
-        # join one per step while rows are free, so answers start at different steps and rows are reused
-        if queue and slots.free_rows and steps % 2 == 0:
-            k = queue.pop(0)
-            take(slots.join(k, prompts[k], asks[k][2], asks[k][0]))
-        take(slots.step())
-        steps += 1
+    passes, mixed = [], 0  # decode passes per step: one, also when the rows' adapters differ
+    forward_static = lm.model.forward_static
+    lm.model.forward_static = lambda ids, *a, **k: passes.append(ids.shape[1]) or forward_static(ids, *a, **k)
+    try:
+        while queue or slots.active:
+            # join one per step while rows are free, so answers start at different steps and rows are reused
+            if queue and slots.free_rows and steps % 2 == 0:
+                k = queue.pop(0)
+                take(slots.join(k, prompts[k], asks[k][2], asks[k][0]))
+            decoding = {s.adapter for s in slots.streams if s is not None and s.prompt is None}
+            mixed += len(decoding) > 1
+            passes.clear()
+            take(slots.step())
+            assert passes.count(1) <= 1, passes
+            steps += 1
+    finally:
+        lm.model.forward_static = forward_static
     for k, w in enumerate(want):
         assert (texts[k], ends[k].finish_reason, ends[k].completion_tokens) == \
             (w.text, w.finish_reason, w.completion_tokens), asks[k]
     assert steps < sum(w.completion_tokens for w in want)  # the answers really were decoded together
+    assert mixed > 5  # many steps decoded rows of the adapter and of the base model together
 
     # Answers that join together are prefilled together: one forward per adapter among them (prompts of different
     # lengths padded after their end), or more when they exceed the prefill token budget; same answers.

@@ -212,6 +212,48 @@ def test_fused_projections_equal_separate_ones(tiny, tmp_path):
         torch.testing.assert_close(logits().float(), with_lora, atol=1e-4, rtol=1e-4)
 
 
+def test_row_adapters_equal_each_row_with_its_own_adapter(tiny):
+    """A batch whose rows run different adapters in one pass (lora.RowAdapters: two adapters of different ranks,
+    scalings and target modules, and a row with none) gives each row the logits it gets alone with its adapter;
+    after an adapter's weights change, refresh() follows them."""
+    from tunesmith.model.lora import LoraConfig, RowAdapters, apply_lora, lora_modules, set_active_adapter
+
+    name, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    wrapped = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "a")
+    apply_lora(model, LoraConfig(r=2, alpha=6, dropout=0.0), "b",
+               targets=[n for n in wrapped if n.endswith(("q_proj", "down_proj"))])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for B in m.lora_B.values():
+                B.weight.copy_(torch.randn(B.weight.shape, generator=g) * 0.05)
+    ids = _ids(3, 9, seed=5)
+    adapters = ["b", None, "a"]
+
+    def alone() -> torch.Tensor:
+        out = []
+        for row, adapter in enumerate(adapters):
+            set_active_adapter(model, adapter)
+            out.append(model.logits(model(ids[row : row + 1]))[0])
+        return torch.stack(out)
+
+    with torch.no_grad():
+        want = alone()
+        assert (want[0] - want[2]).abs().max() > 1e-3  # the adapters differ
+        rows = RowAdapters(model, 3, "cpu", torch.float32)
+        rows.assign(adapters)
+        set_active_adapter(model, rows)
+        torch.testing.assert_close(model.logits(model(ids)), want, atol=2e-5, rtol=2e-5)
+
+        for _, m in lora_modules(model):  # train a little more, in place
+            m.lora_B["a"].weight.mul_(-2.0)
+        want = alone()
+        rows.refresh()
+        set_active_adapter(model, rows)
+        torch.testing.assert_close(model.logits(model(ids)), want, atol=2e-5, rtol=2e-5)
+
+
 # ---- GGUF ---------------------------------------------------------------------------------------------------
 
 

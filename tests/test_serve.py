@@ -326,9 +326,13 @@ def test_concurrent_clients_on_base_and_adapter_all_get_their_own_answer(served)
     questions = ["Name a fruit.", "What is 2+2?", "Say hello."]
     jobs = [(model, q) for q in questions for model in (BASE, ADAPTER)]
     wants = [served.ref.chat(m, [{"role": "user", "content": q}], 4).text for m, q in jobs]
+    batch = served.backend.engine.batch
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda job: ask(served, job[0], job[1], 4).choices[0].message.content, jobs))
     assert got == wants
+    # base and adapter served side by side: every step ran all rows in one pass, each with its own adapter (one
+    # compiled graph on the GPU), never one pass per adapter
+    assert batch.mix_adapters and batch._rows is not None and batch._rows.names == [ADAPTER]
 
 
 def test_disconnected_clients_free_the_engine(served):

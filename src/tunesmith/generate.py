@@ -15,7 +15,7 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
-from tunesmith.model.lora import active_adapter, set_active_adapter
+from tunesmith.model.lora import RowAdapters, active_adapter, lora_modules, set_active_adapter
 from tunesmith.ops import decode_attention as slot_attention
 from tunesmith.ops import gemv
 
@@ -306,12 +306,16 @@ class DecodeSlots:
     per-token host work hides behind the GPU instead of adding to it. A row that ended is known one step late;
     the token the device made for it meanwhile is dropped.
 
-    Rows may use different LoRA adapters: a step runs once per adapter among the rows, and rows outside that
-    adapter's group write to the scratch slot (the last one, never attended), so they are left untouched.
+    Rows may use different LoRA adapters: a step over a mix runs once, each row's LoRA product masked to its own
+    adapter (lora.RowAdapters); prompts are prefilled one forward per adapter. With mix_adapters (the server,
+    serving several adapters or an adapter and the base) every step runs that way, mixed or not: one compiled
+    CUDA graph for all of them, instead of a compile per adapter (~80 s each for a 7B) on its first request.
     Events are (key, Delta) pairs; a Delta with finish_reason ends that key's answer and frees its row."""
 
-    def __init__(self, generator: Generator, rows: int, max_len: int, cache: StaticKVCache | None = None):
+    def __init__(self, generator: Generator, rows: int, max_len: int, cache: StaticKVCache | None = None,
+                 mix_adapters: bool = False):
         self.g = generator
+        self.mix_adapters = mix_adapters and bool(lora_modules(generator.model))
         self.cache = cache if cache is not None else generator.static_cache(rows, max_len)
         max_len = self.cache.max_len
         self.capacity = max_len - 1  # prompt + answer tokens per row; the last slot is the scratch
@@ -326,12 +330,13 @@ class DecodeSlots:
         self._neg_inf = torch.tensor(float("-inf"), device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): prompt + answer tokens, for repetition penalties
         self._adapter: object = object()  # unknown until the first call sets it
+        self._rows: RowAdapters | None = None  # built at the first step over a mix of adapters
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
         self.wait_seconds = 0.0  # of which waiting for the device to finish the step before (benchmarks)
         self.launch_seconds = 0.0  # and calling the model's step (on CUDA: launching its graph; benchmarks)
 
-    def _use(self, adapter: str | None) -> None:
-        if adapter != self._adapter:
+    def _use(self, adapter: str | RowAdapters | None) -> None:
+        if adapter is not self._adapter and adapter != self._adapter:
             set_active_adapter(self.g.model, adapter)
             self._adapter = adapter
 
@@ -418,9 +423,14 @@ class DecodeSlots:
         groups: dict[str | None, list[int]] = {}
         for b in rows:
             groups.setdefault(self.streams[b].adapter, []).append(b)
+        if len(groups) > 1 or self.mix_adapters:  # one pass, each row's LoRA product its own adapter's
+            self._use(self._row_adapters([self.streams[b].adapter if b in rows else None
+                                          for b in range(len(self.streams))]))
+            groups = {self._rows: rows}
         try:
             for adapter, group in groups.items():
-                self._use(adapter)
+                if not isinstance(adapter, RowAdapters):
+                    self._use(adapter)
                 pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
                 t1 = time.perf_counter()
                 logits = step(self.tokens, self._dev(pos), self.cache)
@@ -436,6 +446,16 @@ class DecodeSlots:
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
         return joined + events
+
+    def _row_adapters(self, adapters: list[str | None]) -> RowAdapters:
+        """The RowAdapters of this batch, its stacks current, its mask set to `adapters` (one per row)."""
+        if self._rows is None:
+            dtype = self.g.model.lm_head_weight.dtype
+            self._rows = RowAdapters(self.g.model, len(self.streams), self.device, dtype)
+        else:
+            self._rows.refresh()
+        self._rows.assign(adapters)
+        return self._rows
 
     def leave(self, key) -> None:
         """Drop every answer of `key` (cancelled, timed out) and free their rows."""

@@ -4,7 +4,8 @@ adapter name, `lora_A` (r x in) and `lora_B` (out x r). The decoder knows nothin
   y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r,   B starts at zero.
 
 A/B are kept in fp32 (the base may be bf16) so small updates are not rounded away. Several adapters can sit on
-one base (serving); `set_active_adapter` picks which one runs. Files are PEFT's: adapter_config.json +
+one base (serving); `set_active_adapter` picks which one runs, or a `RowAdapters` gives each row of a batch its
+own (continuous batching of answers for different adapters: one pass, not one per adapter). Files are PEFT's: adapter_config.json +
 adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight`, so peft and vLLM read them.
 """
 
@@ -39,6 +40,66 @@ class LoraConfig:
         return self.alpha / self.r
 
 
+class RowAdapters:
+    """Each batch row's adapter for one pass over a mixed batch (DecodeSlots). Every LoRALinear holds its adapters'
+    A matrices stacked, (n x r) x in, and B matrices side by side, out x (n x r) (ranks zero-padded to the
+    largest, absent adapters zeros); row b's product is masked to its adapter's r columns, scaled:
+
+      y_b = base(x_b) + B_cat ((A_cat x_b) * mask_b),   mask_b = scaling on adapter a_b's columns, 0 elsewhere.
+
+    `mask` is one (rows, n x r) tensor shared by every module and updated in place between passes (`assign`), so a
+    CUDA graph captured with it serves any mix. Stacks are built outside compiled code (`RowAdapters.attach`) and
+    refreshed in place when an adapter's weights changed."""
+
+    def __init__(self, model: nn.Module, rows: int, device, dtype):
+        mods = lora_modules(model)
+        self.names = sorted({n for _, m in mods for n in m.lora_A})
+        self.r = max(m.lora_A[n].weight.shape[0] for _, m in mods for n in m.lora_A)
+        self.scaling = {n: next(m.scaling[n] for _, m in mods if n in m.scaling) for n in self.names}
+        self.model, self.dtype = model, dtype
+        self.mask = torch.zeros(rows, len(self.names) * self.r, device=device, dtype=dtype)
+        self._versions: dict = {}
+        if self.mask.is_cuda:
+            torch._dynamo.mark_static_address(self.mask)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)build each module's stacks where its adapters' weights changed since the last build."""
+        n, r = len(self.names), self.r
+        for name, m in lora_modules(self.model):
+            params = [p for a in self.names if a in m.lora_A for p in (m.lora_A[a].weight, m.lora_B[a].weight)]
+            key = tuple((p.data_ptr(), p._version) for p in params)
+            if self._versions.get(name) == key:
+                continue
+            base = m.base_layer
+            A = torch.zeros(n * r, base.in_features, device=self.mask.device, dtype=self.dtype)
+            B = torch.zeros(base.out_features, n * r, device=self.mask.device, dtype=self.dtype)
+            for i, a in enumerate(self.names):
+                if a in m.lora_A:
+                    ra = m.lora_A[a].weight.shape[0]
+                    A[i * r : i * r + ra] = m.lora_A[a].weight.detach()
+                    B[:, i * r : i * r + ra] = m.lora_B[a].weight.detach()
+            if m.rows_stack is not None and m.rows_stack[0].shape == A.shape:
+                m.rows_stack[0].copy_(A)  # in place: a captured graph keeps reading them
+                m.rows_stack[1].copy_(B)
+            else:
+                if A.is_cuda:
+                    torch._dynamo.mark_static_address(A)
+                    torch._dynamo.mark_static_address(B)
+                m.rows_stack = (A, B)
+            self._versions[name] = key
+
+    def assign(self, adapters: list[str | None]) -> None:
+        """Row b runs adapters[b] (None: the base alone) from the next pass on."""
+        n, r = len(self.names), self.r
+        mask = torch.zeros(len(adapters), n * r, dtype=self.dtype)
+        for b, a in enumerate(adapters):
+            if a is not None:
+                i = self.names.index(a)
+                mask[b, i * r : (i + 1) * r] = self.scaling[a]
+        self.mask.copy_(mask.to(self.mask.device, non_blocking=True))
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -47,7 +108,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active: str | None = None
+        self.active: str | RowAdapters | None = None
+        self.rows_stack: tuple[torch.Tensor, torch.Tensor] | None = None  # (A_cat, B_cat) for RowAdapters
 
     @property
     def weight(self):  # code that reads `.weight` (export, lm_head tying) sees the base matrix
@@ -74,6 +136,10 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None:
             return y
+        if isinstance(name, RowAdapters):  # each row its own adapter (x: rows x tokens x in)
+            A, B = self.rows_stack
+            h = F.linear(x, A) * name.mask[:, None, :]
+            return y + F.linear(h, B)
         # Master A/B stay fp32; the product runs in the activation dtype (bf16 on GPU), as mixed precision does:
         # an fp32 copy of a (tokens x hidden) activation per projection would cost more than the LoRA math.
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -122,15 +188,15 @@ def lora_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Which adapter runs (None: the plain base model)."""
+def set_active_adapter(model: nn.Module, name: str | RowAdapters | None) -> None:
+    """Which adapter runs (None: the plain base model; a RowAdapters: each row its own)."""
     for _, m in lora_modules(model):
-        m.active = name if (name is None or name in m.lora_A) else None
+        m.active = name if (name is None or isinstance(name, RowAdapters) or name in m.lora_A) else None
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The adapter that runs now (None: the plain base model, or no LoRA at all)."""
-    return next((m.active for _, m in lora_modules(model) if m.active is not None), None)
+    """The one adapter that runs now (None: the plain base model, no LoRA at all, or a RowAdapters mix)."""
+    return next((m.active for _, m in lora_modules(model) if isinstance(m.active, str)), None)
 
 
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:

@@ -199,7 +199,9 @@ class Backend:
             default = next((m.adapter for m in self.models.values() if m.parent), None)  # resolve(None)'s
             if self.generator.compiled and on_gpu:
                 print("tunesmith deploy: compiling the decode step for this GPU (once per start)...", flush=True)
-            self.engine = Engine(self.generator, self.args.max_concurrency, rows, max_len, warm_adapter=default)
+            mix = len({m.adapter for m in self.models.values()}) > 1  # adapters (or one and the base) side by side
+            self.engine = Engine(self.generator, self.args.max_concurrency, rows, max_len, warm_adapter=default,
+                                 mix_adapters=mix)
             self.engine.warm.wait()
             if self.engine.warm_error:
                 raise RuntimeError(f"the warm-up answer failed: {self.engine.warm_error}")

@@ -80,8 +80,8 @@ def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Job, tuple]]) 
 
 class Engine:
     def __init__(self, generator: Generator, max_requests: int, rows: int, max_len: int,
-                 warm_adapter: str | None = None):
-        self.batch = DecodeSlots(generator, rows, max_len)
+                 warm_adapter: str | None = None, mix_adapters: bool = False):
+        self.batch = DecodeSlots(generator, rows, max_len, mix_adapters=mix_adapters)
         self.max_requests = max_requests  # queued + decoding; more answer 429
         self._warm_adapter = warm_adapter
         self.warm = threading.Event()  # set once the worker has decoded its warm-up answer (or failed to)
@@ -133,7 +133,8 @@ class Engine:
         """Decode a few tokens of a one-token prompt before serving: on the GPU the decode step compiles and its
         CUDA graph is recorded on first use (80-85 s for a 7B, bench/infer.py), which would otherwise be the first
         request's wait; and it must happen in this thread, the one that replays the graph. The warmed adapter is
-        the one requests get by default; another adapter compiles on its first request."""
+        the one requests get by default; with mix_adapters (several served) every step runs all of them in one
+        graph (DecodeSlots), so this warms them all."""
         if self.batch.capacity < 2:  # no room for a prompt and an answer: every request will be refused anyway
             return
         key = object()
