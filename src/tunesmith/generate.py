@@ -336,7 +336,7 @@ class DecodeSlots:
         self.launch_seconds = 0.0  # and calling the model's step (on CUDA: launching its graph; benchmarks)
 
     def _use(self, adapter: str | RowAdapters | None) -> None:
-        if adapter is not self._adapter and adapter != self._adapter:
+        if adapter != self._adapter:
             set_active_adapter(self.g.model, adapter)
             self._adapter = adapter
 
@@ -420,17 +420,16 @@ class DecodeSlots:
         if not graphs:  # eager: attend over the filled slots only
             self.cache.kv_len = max(self.streams[b].pos for b in rows) + 1  # + 1: the token being fed
             step = self.g.model.forward_static
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[str | RowAdapters | None, list[int]] = {}
         for b in rows:
             groups.setdefault(self.streams[b].adapter, []).append(b)
         if len(groups) > 1 or self.mix_adapters:  # one pass, each row's LoRA product its own adapter's
-            self._use(self._row_adapters([self.streams[b].adapter if b in rows else None
-                                          for b in range(len(self.streams))]))
-            groups = {self._rows: rows}
+            decoding = set(rows)
+            groups = {self._row_adapters([s.adapter if b in decoding else None
+                                          for b, s in enumerate(self.streams)]): rows}
         try:
             for adapter, group in groups.items():
-                if not isinstance(adapter, RowAdapters):
-                    self._use(adapter)
+                self._use(adapter)
                 pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
                 t1 = time.perf_counter()
                 logits = step(self.tokens, self._dev(pos), self.cache)
