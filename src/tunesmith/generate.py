@@ -400,6 +400,8 @@ class DecodeSlots:
                 self._sample({b: logits[i] for i, (b, _) in enumerate(chunk)})
         for _, s in joined:
             s.prompt = None
+        if self._rows is not None:
+            self._rows.refresh()
         events = self._collect()  # the step in flight, if any (its host copy is read before the next is made)
         self._launch_copy(joined)
         return events + self._collect()  # one wait for all the new rows' first tokens
@@ -447,12 +449,12 @@ class DecodeSlots:
         return joined + events
 
     def _row_adapters(self, adapters: list[str | None]) -> RowAdapters:
-        """The RowAdapters of this batch, its stacks current, its mask set to `adapters` (one per row)."""
+        """The RowAdapters of this batch, its mask set to `adapters` (one per row). Its stacks are built here the
+        first time and brought up to date when answers join (adapters changed in place, as by training in the
+        same process, reach the answers that start after)."""
         if self._rows is None:
             dtype = self.g.model.lm_head_weight.dtype
             self._rows = RowAdapters(self.g.model, len(self.streams), self.device, dtype)
-        else:
-            self._rows.refresh()
         self._rows.assign(adapters)
         return self._rows
 

@@ -59,6 +59,7 @@ class RowAdapters:
         self.model, self.dtype = model, dtype
         self.mask = torch.zeros(rows, len(self.names) * self.r, device=device, dtype=dtype)
         self._versions: dict = {}
+        self._assigned: tuple | None = None
         if self.mask.is_cuda:
             torch._dynamo.mark_static_address(self.mask)
         self.refresh()
@@ -90,9 +91,13 @@ class RowAdapters:
             self._versions[name] = key
 
     def assign(self, adapters: list[str | None]) -> None:
-        """Row b runs adapters[b] (None: the base alone) from the next pass on."""
+        """Row b runs adapters[b] (None: the base alone) from the next pass on. The mask is copied only when the
+        assignment changed, from pinned memory: a plain host-to-GPU copy would make the host wait for the GPU."""
+        if tuple(adapters) == self._assigned:
+            return
+        self._assigned = tuple(adapters)
         n, r = len(self.names), self.r
-        mask = torch.zeros(len(adapters), n * r, dtype=self.dtype)
+        mask = torch.zeros(len(adapters), n * r, dtype=self.dtype, pin_memory=self.mask.is_cuda)
         for b, a in enumerate(adapters):
             if a is not None:
                 i = self.names.index(a)
