@@ -16,7 +16,8 @@ values). Parts:
           the same 16 prompts.
   steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, for each
           of --variants: tunesmith's kernels (slot attention, ops/gemv.py's one-row products), inductor's
-          products, every product through ops/gemv.py, the masked attention reference.
+          products, every product through ops/gemv.py, the masked attention reference, one unmerged LoRA
+          adapter, two adapters mixed by row (lora.RowAdapters).
   slots   the server's decode loop without the server: DecodeSlots of 16 rows x 2,048 slots driven from one thread
           (16 64-token prompts, 256 tokens each): aggregate tok/s, host time per step, and a cProfile of the loop.
   gemv    batch-1 matrix-vector products of every Qwen2.5-7B shape (each weight read from HBM, not L2): cuBLAS,
@@ -209,11 +210,15 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     free()
 
 
-STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes)
-    "kernels": (True, None),  # what tunesmith runs: gemv.ROLES as shipped
-    "inductor products": (True, set()),
-    "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}),
-    "masked reference": (False, set()),
+STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes, LoRA)
+    "kernels": (True, None, None),  # what tunesmith runs: gemv.ROLES as shipped
+    "inductor products": (True, set(), None),
+    "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}, None),
+    "masked reference": (False, set(), None),
+    # random r=8 all-linear adapters, unmerged: one active for every row, or two with rows alternating between
+    # them through lora.RowAdapters (what a server with several adapters runs)
+    "one LoRA adapter": (True, None, "one"),
+    "two LoRA adapters by row": (True, None, "rows"),
 }
 
 
@@ -225,6 +230,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
 
     from tunesmith.generate import Generator, cudagraph_thread_setup
     from tunesmith.model.load import load_model
+    from tunesmith.model.lora import LoraConfig, RowAdapters, apply_lora, lora_modules, set_active_adapter
     from tunesmith.ops import decode_attention, gemv
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
@@ -234,12 +240,24 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     logits = {}
     shipped = set(gemv.ROLES)
     for variant in variants:
-        decode_attention.ENABLED, roles = STEP_VARIANTS[variant]
+        decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
         gemv.ROLES = shipped if roles is None else roles
+        if lora and not lora_modules(lm.model):
+            for name in ("a0", "a1"):
+                apply_lora(lm.model, LoraConfig(r=8, alpha=32, dropout=0.0), name,
+                           targets=[n for n, _ in lora_modules(lm.model)] or None)
+            for _, m in lora_modules(lm.model):
+                for B in m.lora_B.values():
+                    torch.nn.init.normal_(B.weight, 0.0, 0.01)
+        set_active_adapter(lm.model, "a0" if lora else None)
         torch._dynamo.reset()
         g = Generator(lm)
         cudagraph_thread_setup()
         for rows, slots in ((n, g.static_len if n == 1 else 2048) for n in row_counts):
+            if lora == "rows":
+                mixed = RowAdapters(lm.model, rows, DEVICE, torch.bfloat16)
+                mixed.assign([f"a{b % 2}" for b in range(rows)])
+                set_active_adapter(lm.model, mixed)
             cache = g.static_cache(rows, slots)
             tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
             pos = torch.full((rows, 1), 300, device=DEVICE)
@@ -257,7 +275,10 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             free()
         del g
     decode_attention.ENABLED, gemv.ROLES = True, shipped
+    set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
+        if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:
+            continue  # an adapter changes the logits
         for rows in row_counts:
             a, b = logits[(variants[0], rows)], logits[(variant, rows)]
             emit({"part": "steps", "check": f"{variants[0]} vs {variant}, last step's logits", "rows": rows,
