@@ -42,10 +42,10 @@ class LoraConfig:
 
 class RowAdapters:
     """Each batch row's adapter for one pass over a mixed batch (DecodeSlots). Every LoRALinear holds its adapters'
-    A matrices stacked, (n x r) x in, and B matrices side by side, out x (n x r) (ranks zero-padded to the
-    largest, absent adapters zeros); row b's product is masked to its adapter's r columns, scaled:
+    A matrices stacked, (n x r) x in, and scaling x B side by side, out x (n x r) (ranks zero-padded to the
+    largest, absent adapters zeros); row b's product is masked to its adapter's r columns:
 
-      y_b = base(x_b) + B_cat ((A_cat x_b) * mask_b),   mask_b = scaling on adapter a_b's columns, 0 elsewhere.
+      y_b = base(x_b) + B_cat ((A_cat x_b) * mask_b),   mask_b = 1 on adapter a_b's columns, 0 elsewhere.
 
     `mask` is one (rows, n x r) tensor shared by every module and updated in place between passes (`assign`), so a
     CUDA graph captured with it serves any mix. Stacks are built outside compiled code (`RowAdapters.attach`) and
@@ -55,7 +55,6 @@ class RowAdapters:
         mods = lora_modules(model)
         self.names = sorted({n for _, m in mods for n in m.lora_A})
         self.r = max(m.lora_A[n].weight.shape[0] for _, m in mods for n in m.lora_A)
-        self.scaling = {n: next(m.scaling[n] for _, m in mods if n in m.scaling) for n in self.names}
         self.model, self.dtype = model, dtype
         self.mask = torch.zeros(rows, len(self.names) * self.r, device=device, dtype=dtype)
         self._versions: dict = {}
@@ -79,7 +78,7 @@ class RowAdapters:
                 if a in m.lora_A:
                     ra = m.lora_A[a].weight.shape[0]
                     A[i * r : i * r + ra] = m.lora_A[a].weight.detach()
-                    B[:, i * r : i * r + ra] = m.lora_B[a].weight.detach()
+                    B[:, i * r : i * r + ra] = m.lora_B[a].weight.detach() * m.scaling[a]
             if m.rows_stack is not None and m.rows_stack[0].shape == A.shape:
                 m.rows_stack[0].copy_(A)  # in place: a captured graph keeps reading them
                 m.rows_stack[1].copy_(B)
@@ -101,7 +100,7 @@ class RowAdapters:
         for b, a in enumerate(adapters):
             if a is not None:
                 i = self.names.index(a)
-                mask[b, i * r : (i + 1) * r] = self.scaling[a]
+                mask[b, i * r : (i + 1) * r] = 1.0
         self.mask.copy_(mask.to(self.mask.device, non_blocking=True))
 
 
