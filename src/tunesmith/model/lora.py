@@ -48,8 +48,8 @@ class RowAdapters:
       y_b = base(x_b) + B_cat ((A_cat x_b) * mask_b),   mask_b = 1 on adapter a_b's columns, 0 elsewhere.
 
     `mask` is one (rows, n x r) tensor shared by every module and updated in place between passes (`assign`), so a
-    CUDA graph captured with it serves any mix. Stacks are built outside compiled code (`RowAdapters.attach`) and
-    refreshed in place when an adapter's weights changed."""
+    CUDA graph captured with it serves any mix. Stacks are built here, outside compiled code, and `refresh`
+    rewrites them in place where an adapter's weights changed."""
 
     def __init__(self, model: nn.Module, rows: int, device, dtype):
         mods = lora_modules(model)
@@ -101,7 +101,7 @@ class RowAdapters:
             if a is not None:
                 i = self.names.index(a)
                 mask[b, i * r : (i + 1) * r] = 1.0
-        self.mask.copy_(mask.to(self.mask.device, non_blocking=True))
+        self.mask.copy_(mask, non_blocking=True)
 
 
 class LoRALinear(nn.Module):
