@@ -51,8 +51,9 @@ def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, session 17): 4 rows
-    x 512 columns a program was within 2% of the best of 32 tile shapes on every Qwen2.5-7B shape; the long rows
-    of the down projection (k = 18,944) want 8 warps. Under the interpreter, 1,024 rows a program: it runs programs
+    x 512 columns a program was the best of 32 tile shapes, or within 1%, on the q/k/v, o, down and lm_head
+    shapes of Qwen2.5-7B (gate+up: 2 x 1,024 was best); the long rows of the down projection (k = 18,944) want
+    8 warps. Under the interpreter, 1,024 rows a program: it runs programs
     one by one (a vocabulary-sized lm_head would be 38,000 of them)."""
     if INTERPRETING:
         return 1024, 512, 4, 1
