@@ -8,6 +8,7 @@ second per step on 2 CPU cores.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -653,3 +654,63 @@ def test_val_dataset_gives_eval_loss(qwen_tiny_dir, tmp_path):
     (run,) = run_folders(tmp_path / "out")
     evals = [r for r in log_records(run) if "eval_loss" in r]
     assert [step_of(r) for r in evals] == [2] and evals[0]["eval_loss"] > 0
+
+
+def test_adamw_matches_torch_fused_adamw_bit_for_bit_and_shares_its_state_dict():
+    """train/optim.AdamW drives torch's fused kernel without torch.optim: the same parameters after every step as
+    torch.optim.AdamW(fused=True), with weight decay on one group, a parameter without a gradient, lr changed
+    between steps (as the schedule does); and each one's state_dict resumes the other exactly."""
+    from tunesmith.train.optim import AdamW
+
+    def params(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((16, 8), (8,), (4, 16), (3,))]
+
+    def groups(ps):
+        return [{"params": ps[:1] + ps[2:3], "weight_decay": 0.1}, {"params": [ps[1], ps[3]], "weight_decay": 0.0}]
+
+    def run(opt, ps, steps, start=0):
+        for k in range(start, start + steps):
+            for i, p in enumerate(ps):
+                if i != 3 or k % 2:  # ps[3] has no gradient on even steps
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * k + i))
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 * (1 + k) / 4
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    ours, theirs = params(0), params(0)
+    mine = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    ref = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    run(mine, ours, 5)
+    run(ref, theirs, 5)
+    for a, b, start in zip(ours, theirs, params(0)):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, start)  # it moved
+    # resume across the two: our state into torch's optimizer and torch's into ours, 3 more steps each
+    ours2, theirs2 = [p.detach().clone().requires_grad_() for p in ours], [p.detach().clone().requires_grad_() for p in theirs]
+    mine2 = AdamW(groups(ours2), lr=1e-2)
+    mine2.load_state_dict(ref.state_dict())
+    ref2 = torch.optim.AdamW(groups(theirs2), lr=1e-2, fused=True)
+    ref2.load_state_dict(copy.deepcopy(mine.state_dict()))  # as through a checkpoint file: torch keeps the tensors
+    for opt, ps in ((mine, ours), (ref, theirs), (mine2, ours2), (ref2, theirs2)):
+        run(opt, ps, 3, start=5)
+    for a, b, c, d in zip(ours, theirs, ours2, theirs2):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    with pytest.raises(ValueError):
+        AdamW(groups(params(1))[:1], lr=1e-2).load_state_dict(mine.state_dict())
+
+
+def test_a_short_training_run_never_imports_the_compiler(qwen_tiny_dir, tmp_path):
+    """A LoRA run that does not compile must not import torch._dynamo (torch.optim's optimizers do, ~3.8 s of the
+    tutorial's seed job on the H200): a fresh process, the tutorial's flags, 2 steps."""
+    data = write_json(tmp_path / "self_cognition.json", TUTORIAL_ROWS)
+    code = ("import sys; from tunesmith.cli import main; rc = main(sys.argv[1:]); "
+            "print('DYNAMO', 'torch._dynamo' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "sft", "--model", str(qwen_tiny_dir), "--train_type", "lora",
+                           "--dataset", str(data), "--max_steps", "2", "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DYNAMO False" in proc.stdout
+    (run,) = run_folders(tmp_path / "out")
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()

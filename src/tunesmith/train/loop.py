@@ -32,6 +32,7 @@ from tunesmith.train import distributed
 from tunesmith.train.distributed import DataParallel, SilentLog
 from tunesmith.train.logs import RunLog
 from tunesmith.train.loss import chunked_cross_entropy_sum
+from tunesmith.train.optim import AdamW
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -139,11 +140,14 @@ class Trainer:
         if self.parked:
             self.model.park_embeddings("cpu")
         self.parallel_model = self.dp.wrap(self.model, full=args.train_type == "full")  # before the optimizer
-        # fused: one kernel for all parameters (foreach would also hold a temporary copy of them: 15 GB for a
-        # full fine-tune of a 7B); not under FSDP, whose DTensor shards take the foreach path.
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.learning_rate,
-                                           betas=(0.9, 0.999), eps=1e-8,
-                                           fused=device.type == "cuda" and self.dp.world == 1)
+        # torch's fused AdamW kernel, one launch for all parameters (foreach would also hold a temporary copy of
+        # them: 15 GB for a full fine-tune of a 7B), without importing torch._dynamo (train/optim.py). Under FSDP
+        # torch.optim's own: DCP's sharded optimizer state dicts take only its optimizers, over DTensor shards.
+        groups = param_groups(self.model, args.weight_decay)
+        if self.dp.sharded:
+            self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        else:
+            self.optimizer = AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
         self.log = RunLog(run_dir, self.total_steps, quiet=quiet) if self.dp.is_main else SilentLog()
         self.best: tuple[float, Path] | None = None
@@ -368,12 +372,11 @@ def mean_length(samples: list[Sample]) -> float:
 
 def prewarm() -> None:
     """Imports the run needs later, made while the model loads (shard reads and host-to-GPU copies leave the
-    interpreter free): torch.optim's first use imports torch._dynamo and sympy, the run log TensorBoard, the
-    loss plot matplotlib. About 2 s of the tutorial's seed job (bench/seed_job.py) otherwise in series."""
+    interpreter free): the run log's TensorBoard, the loss plot's matplotlib. (torch._dynamo is not needed
+    unless the run compiles: train/optim.py.)"""
     import importlib
 
     try:
-        importlib.import_module("torch._dynamo")
         importlib.import_module("torch.utils.tensorboard")
         importlib.import_module("matplotlib").use("Agg")  # the plot's backend (RunLog.plot): no display
         importlib.import_module("matplotlib.pyplot")
