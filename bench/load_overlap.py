@@ -7,7 +7,8 @@ Each mode in a fresh process: `load` (tunesmith's load_model alone), `imports` (
 torch.frombuffer + .to(device), whose copies release the GIL, instead of safetensors' safe_open. On the H200
 (session 17) the seed job's load phase (8.5-9.9 s) looked like load (3.6 s) + imports (5.2 s) added up, while on a
 2-core CPU they overlap (3.1 + 2.0 s alone, 3.7 s together); this tells whether the loader holds the GIL there.
-JSON lines out.
+`cuda` / `cuda+imports`: CUDA's start (2.3 s of the seed job's load) alone, and in a thread beside the imports:
+whether it could overlap the work before the load. JSON lines out.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def one(mode: str, model_dir: str, device: str) -> dict:
     import torch
 
     t_torch = time.time() - t0
+    if mode.startswith("cuda"):  # CUDA's start alone, or in a thread beside the imports: does it hold the GIL?
+        t1 = time.time()
+        start = threading.Thread(target=lambda: torch.zeros(1, device=device))
+        start.start()
+        if "imports" in mode:
+            from tunesmith.train.loop import prewarm
+
+            prewarm()
+        imports_s = round(time.time() - t1, 2)
+        start.join()
+        return {"mode": mode, "import_torch_s": round(t_torch, 2), "imports_s": imports_s,
+                "all_s": round(time.time() - t1, 2)}
     if device == "cuda":
         torch.zeros(1, device=device)
     if "raw" in mode:
@@ -108,7 +121,8 @@ def main() -> None:
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    for mode in ("load", "imports", "load+imports", "raw-load", "raw-load+imports", "load+imports"):
+    for mode in ("load", "imports", "load+imports", "raw-load", "raw-load+imports", "load+imports", "cuda",
+                 "cuda+imports", "cuda", "cuda+imports"):
         subprocess.run([sys.executable, __file__, "--model-dir", a.model_dir, "--device", a.device, "--mode", mode],
                        check=True)
 
