@@ -185,7 +185,8 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
                   (i for i, (a, b) in enumerate(zip(got, results[("tunesmith-eager", plen)])) if a != b), NEW)})
         cache = fast._static_cache()
         tok, p = torch.tensor([[1]], device=DEVICE), torch.tensor([[plen]], device=DEVICE)
-        step = lambda: [fast._compiled_step(tok, p, cache) for _ in range(100)]  # noqa: E731
+        picks = greedy_inputs(fast, 1)
+        step = lambda: [fast._compiled_step(tok, p, cache, *picks) for _ in range(100)]  # noqa: E731
         step()
         emit({"part": "decode", "impl": "tunesmith", "prompt": plen, "graph_step_only_ms": round(
             sync_time(step)[0] * 10, 3)})
@@ -210,8 +211,21 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     free()
 
 
+def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
+    """The step's inputs for its greedy picks (generate.decode_step) as a plain greedy batch has them: end tokens,
+    nothing blocked, no penalty."""
+    vocab = g.model.config.vocab_size
+    eos = torch.zeros(vocab, dtype=torch.bool, device=DEVICE)
+    eos[g.lm.eos_token_ids] = True
+    t = [eos, torch.zeros(rows, 1, dtype=torch.bool, device=DEVICE), torch.zeros(rows, vocab, dtype=torch.bool,
+         device=DEVICE), torch.ones(rows, 1, device=DEVICE)]
+    g.mark_static(t)
+    return t
+
+
 STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes, LoRA)
     "kernels": (True, None, None),  # what tunesmith runs: gemv.ROLES as shipped
+    "rope by inductor": (True, None, None),  # as "kernels", with ops/rope_write.py off
     "inductor products": (True, set(), None),
     "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}, None),
     "masked reference": (False, set(), None),
@@ -231,7 +245,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     from tunesmith.generate import Generator, cudagraph_thread_setup
     from tunesmith.model.load import load_model
     from tunesmith.model.lora import LoraConfig, RowAdapters, apply_lora, lora_modules, set_active_adapter
-    from tunesmith.ops import decode_attention, gemv
+    from tunesmith.ops import decode_attention, gemv, rope_write
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
     emb = lm.model.model.embed_tokens.weight
@@ -241,6 +255,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     shipped = set(gemv.ROLES)
     for variant in variants:
         decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
+        rope_write.ENABLED = variant != "rope by inductor"
         gemv.ROLES = shipped if roles is None else roles
         if lora and not lora_modules(lm.model):
             for name in ("a0", "a1"):
@@ -262,8 +277,9 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
             pos = torch.full((rows, 1), 300, device=DEVICE)
             label = f"decode step, {rows} row(s) x {slots} slots, {variant}"
+            picks = greedy_inputs(g, rows)
             with torch.inference_mode():
-                step = lambda: g._compiled_step(tok, pos, cache)  # noqa: E731
+                step = lambda: g._compiled_step(tok, pos, cache, *picks)[0]  # noqa: E731
                 compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
                 ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
                 logits[(variant, rows)] = step().float().clone()
@@ -274,7 +290,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             del cache
             free()
         del g
-    decode_attention.ENABLED, gemv.ROLES = True, shipped
+    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED = True, shipped, True
     set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
         if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:

@@ -1,5 +1,6 @@
-"""The decode step's Triton attention (ops/decode_attention.py) against the reference, on CPU through Triton's
-interpreter: each row attends only its slots lo..hi, and greedy decoding through it gives the reference's tokens."""
+"""The decode step's Triton kernels against their references, on CPU through Triton's interpreter: attention
+(ops/decode_attention.py: each row attends only its slots lo..hi), the rotation + cache write (ops/rope_write.py),
+and greedy decoding through both gives the reference's tokens."""
 
 from __future__ import annotations
 
@@ -58,6 +59,50 @@ def test_kernel_equals_masked_reference():
     worst = eval(out, {"torch": torch})
     for key, err in worst.items():
         assert err < (1e-5 if "float32" in key else 2e-2), (key, err)  # bf16: its own rounding of the output
+
+
+def test_rope_write_equals_rotation_and_cache_update():
+    """One program per (row, head): q rotated as Attention rotates it, k rotated and v written into each row's own
+    slot of the static cache (a row on the scratch slot too), and no other slot touched."""
+    out = run("""
+        import torch
+        from tunesmith.model.decoder import StaticKVCache, rotate_half
+        from tunesmith.ops import rope_write
+
+        torch.manual_seed(0)
+        worst = {}
+        for B, H, n_kv, hd, L in [(3, 28, 4, 128, 40), (2, 9, 3, 64, 17)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                qkv = torch.randn(B, 1, (H + 2 * n_kv) * hd, dtype=dtype)  # the fused product's output
+                q, k, v = (t.view(B, 1, -1, hd) for t in qkv.split([H * hd, n_kv * hd, n_kv * hd], -1))
+                pos = torch.tensor([[5], [L - 1], [0]][:B])  # row 1 parked on the scratch slot
+                ang = pos[..., None].float() * torch.rand(hd // 2) * 3
+                cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+                caches = [torch.randn(B, n_kv, L, hd, dtype=dtype) for _ in range(2)]
+                before = [c.clone() for c in caches]
+                got = rope_write.rope_write(q, k, v, cos, sin, caches[0], caches[1], pos)
+                # the reference in float64: Attention's rotation, then the cache rows written at pos
+                c, s_ = cos.double()[:, None], sin.double()[:, None]
+                qt, kt = q.double().transpose(1, 2), k.double().transpose(1, 2)
+                want_q = qt * c + rotate_half(qt) * s_
+                want_k = (kt * c + rotate_half(kt) * s_).to(dtype)
+                rows = torch.arange(B)[:, None]
+                before[0][rows, :, pos] = want_k.transpose(1, 2)
+                before[1][rows, :, pos] = v
+                key = f"{dtype} hd{hd}"
+                err = max((got.double() - want_q).abs().max().item(),
+                          (caches[0].double() - before[0].double()).abs().max().item())
+                worst[key] = max(worst.get(key, 0), err)
+                assert got.shape == (B, H, 1, hd) and got.dtype == dtype
+                assert torch.equal(caches[1], before[1])  # v: copied exactly, nothing else written
+                unwritten = torch.ones(B, L, dtype=torch.bool)
+                unwritten[rows, pos] = False
+                assert torch.equal(caches[0].transpose(1, 2)[unwritten], before[0].transpose(1, 2)[unwritten])
+        print(worst)
+    """)
+    worst = eval(out, {"torch": torch})
+    for key, err in worst.items():
+        assert err < (1e-5 if "float32" in key else 2e-2), (key, err)  # bf16: one step of the output's rounding
 
 
 def test_greedy_decoding_through_the_kernel_equals_the_reference(qwen_tiny_dir):

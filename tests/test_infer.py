@@ -302,6 +302,15 @@ def test_static_cache_path_gives_the_dynamic_paths_tokens(smollm):
     static = Generator(smollm, compiled=True, static_len=256)
     assert static.compiled
     assert static.complete(ids, greedy(48)).token_ids == Generator(smollm).complete(ids, greedy(48)).token_ids
+    # the step's own greedy picks (generate.decode_step) with a repetition penalty, and end tokens ruled out
+    # until min_new_tokens: a short answer that would end after a few tokens must go on, as the plain path does
+    short = Generator(smollm).chat_prompt(user("What is 2+2? Answer with the number only."))
+    plain = Generator(smollm).complete(short, greedy(40))
+    assert plain.finish_reason == "stop" and plain.completion_tokens < 20
+    for cfg in (greedy(40, min_new_tokens=20), greedy(24, repetition_penalty=1.3)):
+        want = Generator(smollm).complete(short, cfg)
+        assert want.completion_tokens >= 20 and want.token_ids[:20] != plain.token_ids[:20]
+        assert static.complete(short, cfg).token_ids == want.token_ids, cfg
 
 
 def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):

@@ -6,6 +6,7 @@ Sampling order follows transformers: repetition penalty, temperature, top-k, top
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -17,7 +18,7 @@ from tunesmith.model.decoder import KVCache, StaticKVCache
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import RowAdapters, active_adapter, lora_modules, set_active_adapter
 from tunesmith.ops import decode_attention as slot_attention
-from tunesmith.ops import gemv
+from tunesmith.ops import gemv, rope_write
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Generator:
         self.static_len = min(static_len, self.context_length)
         self._static: StaticKVCache | None = None
         self._slots: DecodeSlots | None = None  # the one-row batch that stream() decodes through
-        self._compiled_step = self.model.forward_static
+        self._compiled_step = functools.partial(decode_step, self.model)
         self.model.fuse_projections()
         if self.compiled and on_cuda:
             import torch._inductor.config as inductor
@@ -71,8 +72,9 @@ class Generator:
             inductor.coordinate_descent_tuning = True  # tunes the matrix-vector kernels that decoding is made of
             slot_attention.load_kernels()  # the decode step attends through them (imported here, not while tracing)
             gemv.load_kernels()  # and takes its one-row products through this one
-            self._compiled_step = torch.compile(self.model.forward_static, mode="reduce-overhead", fullgraph=True,
-                                               dynamic=False)  # one CUDA graph per batch shape
+            rope_write.load_kernels()  # and rotates q/k and writes the cache through this one
+            self._compiled_step = torch.compile(self._compiled_step, mode="reduce-overhead", fullgraph=True,
+                                                dynamic=False)  # one CUDA graph per batch shape
 
     @property
     def context_length(self) -> int:
@@ -183,10 +185,15 @@ class Generator:
     def static_cache(self, rows: int, max_len: int) -> StaticKVCache:
         cache = StaticKVCache(self.model.config, rows, max_len, self.model.lm_head_weight.device,
                               self.model.lm_head_weight.dtype)
-        if self.compiled:
-            for t in cache.k + cache.v:
-                torch._dynamo.mark_static_address(t)  # CUDA graphs write the cache in place, never copy it
+        self.mark_static(cache.k + cache.v)  # CUDA graphs write the cache in place, never copy it
         return cache
+
+    def mark_static(self, tensors: list[torch.Tensor]) -> None:
+        """Inputs of the compiled step that keep their storage from step to step: its CUDA graph reads (and
+        writes) them in place instead of copying them in at every replay."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.mark_static_address(t)
 
     def complete_many(self, prompts: list[list[int]], cfg: SamplingConfig, rows: int) -> Iterator[Completion]:
         """Completions of many prompts in input order, decoded `rows` at a time with continuous batching (a row is
@@ -328,7 +335,17 @@ class DecodeSlots:
         self._inflight: tuple | None = None  # (event, [(row, stream)]) of the last step, not yet read back
         self._eos_ids = self._dev(self.eos)
         self._neg_inf = torch.tensor(float("-inf"), device=self.device)
-        self._seen: torch.Tensor | None = None  # (rows, vocab): prompt + answer tokens, for repetition penalties
+        vocab = generator.model.config.vocab_size
+        # What the step needs for its own greedy picks (decode_step), kept on the device and rewritten only when
+        # a row's value changes: the end tokens, which rows may not end yet, each row's repetition penalty and
+        # the tokens it has seen (prompt + answer; rows without a penalty keep 1.0 and ignore theirs).
+        self._eos_cols = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._eos_cols[self.eos] = True
+        self._blocked = torch.zeros(rows, 1, dtype=torch.bool, device=self.device)
+        self._penalty = torch.ones(rows, 1, dtype=torch.float32, device=self.device)
+        self._seen = torch.zeros(rows, vocab, dtype=torch.bool, device=self.device)
+        self._picks_state: tuple = ()  # the (blocked, penalty) rows last copied to the device
+        generator.mark_static([self._eos_cols, self._blocked, self._penalty, self._seen])
         self._adapter: object = object()  # unknown until the first call sets it
         self._rows: RowAdapters | None = None  # built at the first step over a mix of adapters
         self.steps, self.step_seconds = 0, 0.0  # decode steps so far and their time (model + sampling + text)
@@ -361,11 +378,8 @@ class DecodeSlots:
                             f"an answer (prompt + answer per request: --max_model_len when serving); shorten it.")
         b = self.streams.index(None)
         self.g.model.fuse_projections()
-        vocab = self.g.model.config.vocab_size
         seen = None
         if cfg.repetition_penalty != 1.0:
-            if self._seen is None:
-                self._seen = torch.zeros(len(self.streams), vocab, dtype=torch.bool, device=self.device)
             seen = self._seen[b]
             seen.zero_()
             seen.index_fill_(0, self._dev(prompt_ids), True)
@@ -421,7 +435,7 @@ class DecodeSlots:
         step = self.g._compiled_step
         if not graphs:  # eager: attend over the filled slots only
             self.cache.kv_len = max(self.streams[b].pos for b in rows) + 1  # + 1: the token being fed
-            step = self.g.model.forward_static
+            step = functools.partial(decode_step, self.g.model)
         groups: dict[str | RowAdapters | None, list[int]] = {}
         for b in rows:
             groups.setdefault(self.streams[b].adapter, []).append(b)
@@ -429,14 +443,16 @@ class DecodeSlots:
             decoding = set(rows)
             groups = {self._row_adapters([s.adapter if b in decoding else None
                                           for b, s in enumerate(self.streams)]): rows}
+        self._update_picks_state()
         try:
             for adapter, group in groups.items():
                 self._use(adapter)
                 pos = [[s.pos if b in group else self.capacity] for b, s in enumerate(self.streams)]
                 t1 = time.perf_counter()
-                logits = step(self.tokens, self._dev(pos), self.cache)
+                logits, picked = step(self.tokens, self._dev(pos), self.cache, self._eos_cols, self._blocked,
+                                      self._seen, self._penalty)
                 self.launch_seconds += time.perf_counter() - t1
-                self._sample({b: logits[b] for b in group})
+                self._sample({b: logits[b] for b in group}, picked)
         finally:
             self.cache.kv_len = None
         launched = [(b, self.streams[b]) for b in rows]
@@ -467,15 +483,47 @@ class DecodeSlots:
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pinned)
         return t.to(self.device, non_blocking=True)
 
-    def _sample(self, logits: dict[int, torch.Tensor]) -> None:
-        """Each row's next token, sampled on the device (greedy rows in one argmax) into self.tokens."""
+    def _update_picks_state(self) -> None:
+        """Bring the step's blocked-end and penalty rows up to date (a copy only when some row's changed)."""
+        blocked = tuple(s is not None and s.sampled < s.cfg.min_new_tokens for s in self.streams)
+        penalty = tuple(s.cfg.repetition_penalty if s is not None and s.seen is not None else 1.0
+                        for s in self.streams)
+        if (blocked, penalty) != self._picks_state:
+            self._picks_state = (blocked, penalty)
+            self._blocked.copy_(torch.tensor(blocked, pin_memory=self._pinned)[:, None], non_blocking=True)
+            self._penalty.copy_(torch.tensor(penalty, dtype=torch.float32, pin_memory=self._pinned)[:, None],
+                                non_blocking=True)
+
+    def _sample(self, logits: dict[int, torch.Tensor], picked: torch.Tensor | None = None) -> None:
+        """Each row's next token, sampled on the device into self.tokens. A decode step brings its own greedy
+        picks (decode_step: one for every row of the batch, made inside the CUDA graph); they stand when every
+        row here is greedy. Otherwise (prefills, sampled rows) greedy rows take one argmax here."""
         rows = list(logits)
-        stacked = torch.stack([logits[b] for b in rows]).float()
-        blocked = [i for i, b in enumerate(rows) if self.streams[b].sampled < self.streams[b].cfg.min_new_tokens]
-        if blocked and self.eos:  # a device tensor as the value: a Python float here made the host wait for the GPU
-            stacked[self._dev(blocked)[:, None], self._eos_ids] = self._neg_inf
         streams = [self.streams[b] for b in rows]
         penalized = [i for i, s in enumerate(streams) if s.seen is not None]
+        every_row = rows == list(range(len(self.streams)))
+        if picked is not None and all(s.cfg.temperature <= 0 for s in streams):
+            if not every_row:
+                picked = picked[self._dev(rows)]
+        else:
+            picked = self._pick(logits, rows, streams, penalized)
+        for s in streams:
+            s.sampled += 1
+        if penalized:  # one flat index_fill_: indexing by device scalars would read them back (a wait)
+            flat = self._dev([rows[i] for i in penalized]) * self._seen.shape[1] + picked[self._dev(penalized)]
+            self._seen.view(-1).index_fill_(0, flat, True)
+        if every_row:
+            self.tokens[:, 0].copy_(picked)
+        else:
+            self.tokens[self._dev(rows), 0] = picked
+
+    def _pick(self, logits: dict[int, torch.Tensor], rows: list[int], streams: list[_Stream],
+              penalized: list[int]) -> torch.Tensor:
+        """The rows' next tokens from their logits: greedy rows in one argmax, sampled rows through sample()."""
+        stacked = torch.stack([logits[b] for b in rows]).float()
+        blocked = [i for i, s in enumerate(streams) if s.sampled < s.cfg.min_new_tokens]
+        if blocked and self.eos:  # a device tensor as the value: a Python float here made the host wait for the GPU
+            stacked[self._dev(blocked)[:, None], self._eos_ids] = self._neg_inf
         if penalized:  # the repetition penalty of every row at once, as sample() applies it to one
             idx = self._dev(penalized)
             pen = self._dev([streams[i].cfg.repetition_penalty for i in penalized], torch.float32)[:, None]
@@ -487,11 +535,7 @@ class DecodeSlots:
         for i, s in enumerate(streams):
             if s.cfg.temperature > 0:  # penalized above; seeded rows keep their own generator
                 picked[i] = sample(stacked[i], s.seen, replace(s.cfg, repetition_penalty=1.0), s.gen)
-            s.sampled += 1
-        if penalized:  # one flat index_fill_: indexing by device scalars would read them back (a wait)
-            flat = self._dev([rows[i] for i in penalized]) * self._seen.shape[1] + picked[idx]
-            self._seen.view(-1).index_fill_(0, flat, True)
-        self.tokens[self._dev(rows), 0] = picked
+        return picked
 
     def _launch_copy(self, launched: list[tuple[int, _Stream]]) -> None:
         """Start copying the rows' new tokens to the host (after _collect has read the last ones)."""
@@ -536,6 +580,18 @@ class DecodeSlots:
                 events.append((s.key, Delta("", finish, s.prompt_tokens, len(s.text.ids))))
                 self.streams[b] = None
         return events
+
+
+def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache, eos_cols: torch.Tensor,
+                blocked: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step, what Generator compiles into a CUDA graph: the next-token logits (B, V) of every row and
+    its greedy pick, made inside the step so that a greedy answer's token costs no kernels outside the graph. The
+    pick is DecodeSlots._pick's: repetition penalty `penalty` (B, 1) on the tokens `seen` (B, V) (1.0: none),
+    end tokens (`eos_cols`, (V,)) ruled out of rows still `blocked` (B, 1) by min_new_tokens, then argmax."""
+    logits = model.forward_static(tokens, pos, cache)
+    scores = logits.float().masked_fill(eos_cols & blocked, float("-inf"))
+    scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
+    return logits, scores.argmax(-1)
 
 
 def cudagraph_thread_setup() -> None:

@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from tunesmith.errors import UserError
 from tunesmith.ops import decode_attention as slot_attention
-from tunesmith.ops import gemv
+from tunesmith.ops import gemv, rope_write
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
@@ -291,6 +291,11 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(mask, slot_attention.SlotRange) and rope_write.available() and cache.row_ids is None:
+            # a decode step through the kernels: rotation and cache write in one (ops/rope_write.py)
+            kc, vc = cache.k[self.layer], cache.v[self.layer]
+            y = decode_attention(rope_write.rope_write(q, k, v, cos, sin, kc, vc, cache_pos), kc, vc, mask)
+            return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), "o")
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin

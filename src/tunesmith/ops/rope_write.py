@@ -1,0 +1,45 @@
+"""The decode step's rotary embedding and KV-cache write in one kernel (Triton).
+
+Decoding one token per row, each layer rotates q and k by the row's position and writes k and v into the row's
+slot of the static cache. Inductor compiled that as five small kernels a layer (q's rotation, k's rotation with its
+cache write, v's cache write, and two that recompute cos/sin): 0.18 of a 3.97 ms batch-1 step of Qwen2.5-7B on
+the H200 (bench/infer.py --parts steps, session 17, run 18), each a few hundred bytes of work and a launch. Here
+one program per (row, head) loads its head once, rotates it in fp32 with the step's cos/sin and stores it: q heads
+to the output, k heads (and the v head beside them) into the cache at the row's position. Used where the slot
+attention kernel is (ops/decode_attention.usable: compiled CUDA steps, or Triton's interpreter in the tests).
+"""
+
+from __future__ import annotations
+
+from tunesmith.ops.decode_attention import INTERPRETING
+
+ENABLED = True  # False: decode steps compiled from now on rotate and write the cache as inductor compiles it
+_kernels = None
+
+
+def load_kernels() -> bool:
+    """Import the kernel (outside compiled code); False without triton."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from tunesmith.ops import rope_write_kernels
+        except ImportError:
+            return False
+        _kernels = rope_write_kernels
+    return True
+
+
+def rope_write(q, k, v, cos, sin, k_cache, v_cache, pos):
+    """q (B, 1, H, hd), k/v (B, 1, n_kv, hd) (views of the fused q/k/v product; last dim contiguous), cos/sin
+    (B, 1, hd), caches (B, n_kv, L, hd), pos (B, 1) -> rotated q as (B, H, 1, hd); rotated k and v are written to
+    cache slot pos[b] of each row (the reference: Attention's rotation, then StaticKVCache.update)."""
+    return _kernels.rope_write(q, k, v, cos, sin, k_cache, v_cache, pos)
+
+
+def available() -> bool:
+    """Whether decode steps (those that attend through ops/decode_attention's kernel) should use this one."""
+    return ENABLED and _kernels is not None
+
+
+if INTERPRETING:  # tests: every decode step through the kernels rotates and writes through this one
+    load_kernels()
