@@ -3,10 +3,10 @@
     PYTHONPATH=src python bench/load_overlap.py --model-dir DIR [--device cuda]
 
 Each mode in a fresh process: `load` (tunesmith's load_model alone), `imports` (prewarm's imports alone),
-`load+imports` (both, as `tunesmith sft` runs them), and the same two with `raw`: shards read through mmap +
-torch.frombuffer + .to(device), whose copies release the GIL, instead of safetensors' safe_open. On the H200
-(session 17) the seed job's load phase (8.5-9.9 s) looked like load (3.6 s) + imports (5.2 s) added up, while on a
-2-core CPU they overlap (3.1 + 2.0 s alone, 3.7 s together); this tells whether the loader holds the GIL there.
+`load+imports` (both, as `tunesmith sft` runs them). Session 18 on the H200 (CUDA started first, 15.2 GB): load
+with safetensors' safe_open 4.49 s, mmap + torch.frombuffer + .to(device) one thread per shard 3.22 s (the `raw`
+modes this bench had then), imports 0.7 s, mostly overlapped (4.8 and 3.83 s together); that led to
+model/load.read_safetensors.
 `cuda` / `cuda+imports`: CUDA's start (2.3 s of the seed job's load) alone, and in a thread beside the imports:
 whether it could overlap the work before the load. JSON lines out.
 """
@@ -15,56 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def raw_shard(path: str, device):
-    """A safetensors shard's tensors on `device` without safe_open: header JSON, then views of one mmap."""
-    import warnings
-
-    import torch
-
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a read-only buffer: the views are only copied from
-        data = torch.frombuffer(mm, dtype=torch.uint8)
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = meta["data_offsets"]
-        t = data[8 + n + b : 8 + n + e].view(getattr(torch, DTYPES[meta["dtype"]])).view(meta["shape"])
-        out[name] = t.to(device)
-    return out
-
-
-class RawOpen:
-    """Stands in for safetensors.safe_open in the `raw` modes."""
-
-    def __init__(self, path, framework="pt", device="cpu"):
-        self.tensors = raw_shard(path, device)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def keys(self):
-        return list(self.tensors)
-
-    def get_tensor(self, name):
-        return self.tensors[name]
 
 
 def one(mode: str, model_dir: str, device: str) -> dict:
@@ -86,10 +41,6 @@ def one(mode: str, model_dir: str, device: str) -> dict:
                 "all_s": round(time.time() - t1, 2)}
     if device == "cuda":
         torch.zeros(1, device=device)
-    if "raw" in mode:
-        import safetensors
-
-        safetensors.safe_open = RawOpen
     from tunesmith.model.load import load_model
     from tunesmith.train.loop import prewarm
 
@@ -121,8 +72,8 @@ def main() -> None:
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    for mode in ("load", "imports", "load+imports", "raw-load", "raw-load+imports", "load+imports", "cuda",
-                 "cuda+imports", "cuda", "cuda+imports"):
+    for mode in ("load", "imports", "load+imports", "load", "load+imports", "cuda", "cuda+imports", "cuda",
+                 "cuda+imports"):
         subprocess.run([sys.executable, __file__, "--model-dir", a.model_dir, "--device", a.device, "--mode", mode],
                        check=True)
 

@@ -5,7 +5,10 @@
 DIR holds a Qwen2.5-7B-Instruct config and tokenizer (../shared/tools/make_qwen25_dir.py --full --no-weights);
 random bf16 weights are written into it first when it has none. The 8 rows of the tutorial's
 self_cognition.json (tests/tutorial_rows.py), 10 epochs, so 10 optimizer steps of 8 short rows. Each run is a
-fresh process (imports, CUDA start, load, training, saving all count), page cache warm. JSON lines out.
+fresh process (imports, CUDA start, load, training, saving all count), page cache warm, and Python's bytecode
+cache warm: one untimed run first, with compiled modules kept under PYTHONPYCACHEPREFIX (an installed package has
+its .pyc files; the GPU image's site-packages are read-only without them, and compiling ~1,100 modules from source
+took ~3 s of every run there, session 18). JSON lines out.
 ms-swift 4.6 on the same H200, same shapes and flags: 90.7 s wall, 10 steps in 30.1 s, 14.7 GiB reserved.
 """
 
@@ -43,6 +46,8 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="one more run under cProfile: top functions by time")
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="the tunesmith source tree to run (A/B against "
+                    "an earlier commit: git archive COMMIT src | tar -x -C DIR, then --src DIR/src)")
     ap.add_argument("extra", nargs="*", help="more sft flags after --, e.g. -- --torch_compile true")
     a = ap.parse_args()
     from infer import warm_page_cache, write_weights  # bench/infer.py
@@ -51,8 +56,12 @@ def main() -> int:
     if not list(a.model_dir.glob("*.safetensors")):
         write_weights(a.model_dir, 28)
     warm_page_cache(a.model_dir)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    for rep in range(a.repeat):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(a.src.resolve()), os.environ.get("PYTHONPATH", "")]))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "tunesmith-pyc"))
+    emit({"event": "bytecode", "PYTHONPYCACHEPREFIX": env["PYTHONPYCACHEPREFIX"],
+          "dont_write_bytecode_was_set": "PYTHONDONTWRITEBYTECODE" in os.environ})
+    for rep in range(-1, a.repeat):  # rep -1: the untimed run that fills the bytecode cache
         with tempfile.TemporaryDirectory() as work:
             Path(work, "self_cognition.json").write_text(json.dumps(TUTORIAL_ROWS, ensure_ascii=False))
             cmd = [sys.executable, "-m", "tunesmith", "sft", "--model", str(a.model_dir.resolve()), *TUTORIAL_FLAGS,
@@ -66,7 +75,9 @@ def main() -> int:
             runs = sorted(Path(work, "output").glob("v*"))
             summary = json.loads((runs[-1] / "summary.json").read_text())
             adapter = Path(work, summary["last_checkpoint"], "adapter_model.safetensors")
-            emit({"rep": rep, "extra": a.extra, "wall_s": round(wall, 1), "train_s": summary["seconds"],
+            if rep < 0:
+                continue
+            emit({"rep": rep, "src": str(a.src), "extra": a.extra, "wall_s": round(wall, 1), "train_s": summary["seconds"],
                   "steps": summary["steps"], "peak_gib": round(summary["peak_memory_gib"], 2),
                   "final_loss": round(summary["final_loss"], 4), "adapter_saved": adapter.is_file(),
                   "phases_s": summary.get("phases_s"),  # startup, data, load, encode, setup, fit; the rest: wall

@@ -6,6 +6,8 @@
 - Packed rows equal separate samples; KV-cache prefill + chunked/single-token decode equals one full forward.
 - The bundled SmolLM2 GGUF: our reader equals the `gguf` package's, our logits equal transformers' GGUF loading of
   the same file, and the model answers a question.
+- Our safetensors reader equals safetensors' load_file (every dtype, 0-d/empty/odd tensors, tensors spread over
+  many chunks, casts), and a damaged header is one UserError naming the file.
 - Bad inputs are one UserError naming the path, and the CLI prints it without a traceback.
 """
 
@@ -26,7 +28,8 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import KVCache
 from tunesmith.model.gguf_file import GGUFFile
-from tunesmith.model.load import load_model, resolve_model_path
+from tunesmith.model import load as load_mod
+from tunesmith.model.load import load_model, read_safetensors, resolve_model_path
 
 VOCAB = 320
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -375,6 +378,144 @@ def test_truncated_safetensors_shard(qwen2_folder, tmp_path):
     with pytest.raises(UserError) as e:
         load_model(folder)
     assert str(shard) in str(e.value) and "truncated" in str(e.value)
+
+
+# ---- safetensors reader -------------------------------------------------------------------------------------
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype the reader maps, with odd byte sizes, 0-d and empty tensors."""
+    g = torch.Generator().manual_seed(7)
+    ints = lambda dt, lo, hi, shape: torch.randint(lo, hi, shape, generator=g, dtype=dt)  # noqa: E731
+    return {
+        "bf16": torch.randn(37, 5, generator=g).bfloat16(),
+        "f16": torch.randn(3, 1, 7, generator=g).half(),
+        "f32": torch.randn(1001, generator=g),
+        "f64": torch.randn(2, 9, generator=g, dtype=torch.float64),
+        "i64": ints(torch.int64, -(2**62), 2**62, (13,)),
+        "i32": ints(torch.int32, -(2**31), 2**31 - 1, (3, 3)),
+        "i16": ints(torch.int16, -(2**15), 2**15 - 1, (5,)),
+        "i8": ints(torch.int8, -128, 127, (7, 3)),
+        "u8": ints(torch.uint8, 0, 256, (5, 11)),
+        "bool": torch.rand(19, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "scalar_i64": torch.tensor(-7),
+        "empty": torch.zeros(0, 4),
+        "empty_bf16": torch.zeros(3, 0, dtype=torch.bfloat16),
+    }
+
+
+@pytest.fixture
+def odd_file(tmp_path) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file(_odd_tensors(), str(path), metadata={"format": "pt", "note": "__metadata__ is not a tensor"})
+    return path
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and got[k].shape == w.shape and torch.equal(got[k], w), k
+
+
+def _folder_state(folder: Path, dtype=None) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update({k: v.to(dtype) if dtype else v for k, v in load_file(str(f)).items()})
+    return state
+
+
+def test_safetensors_reader_equals_load_file(odd_file, qwen2_folder):
+    from safetensors.torch import load_file
+
+    want = load_file(str(odd_file))
+    _assert_same(read_safetensors([odd_file], "cpu"), want)
+    _assert_same(read_safetensors([odd_file], "cpu", torch.float32, workers=1),
+                 {k: v.float() for k, v in want.items()})
+    assert len(list(qwen2_folder.glob("*.safetensors"))) > 2
+    for dtype in (None, "bfloat16"):  # None: float32 on CPU, the file's own dtype; bfloat16: cast while reading
+        lm = load_model(qwen2_folder, dtype)
+        _assert_same(lm.model.state_dict(), _folder_state(qwen2_folder, torch.bfloat16 if dtype else None))
+
+
+@pytest.mark.parametrize("chunk", [8, 24])
+def test_safetensors_reader_chunks(odd_file, qwen2_folder, monkeypatch, chunk):
+    """Tiny chunks: every tensor over 8 bytes spans several reads (several workers), with and without a cast."""
+    from safetensors.torch import load_file
+
+    reads, read_into = [], load_mod._read_into
+
+    def counted(f, offset, buf):
+        reads.append(len(buf))
+        read_into(f, offset, buf)
+
+    monkeypatch.setattr(load_mod, "_read_into", counted)
+    monkeypatch.setattr(load_mod, "CHUNK_BYTES", chunk)
+    want = load_file(str(odd_file))
+    _assert_same(read_safetensors([odd_file], "cpu"), want)
+    assert max(reads) == chunk and len(reads) > 2 * len(want)
+    _assert_same(read_safetensors([odd_file], "cpu", torch.float64), {k: v.double() for k, v in want.items()})
+
+    monkeypatch.setattr(load_mod, "CHUNK_BYTES", 4096 + chunk)  # the model's tensors are 256 B to 80 KB
+    reads.clear()
+    lm = load_model(qwen2_folder)
+    _assert_same(lm.model.state_dict(), _folder_state(qwen2_folder))
+    assert max(reads) == 4096 + chunk and len(reads) > 2 * len(lm.model.state_dict())
+
+
+def _edit_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+
+
+def _damaged_error(path: Path) -> str:
+    with pytest.raises(UserError) as e:
+        read_safetensors([path], "cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_damaged_safetensors_headers(odd_file, qwen2_folder, tmp_path):
+    raw = odd_file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    damaged = "the safetensors file is damaged or truncated"
+
+    def variant(name: str, data: bytes | None = None, edit=None) -> Path:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(raw if data is None else data)
+        if edit:
+            _edit_header(path, edit)
+        return path
+
+    beyond = variant("beyond", edit=lambda h: h["u8"].update(shape=[10**6], data_offsets=[0, 10**6]))
+    assert damaged in _damaged_error(beyond) and "tensor u8 ends at byte" in _damaged_error(beyond)
+    mismatch = variant("mismatch", edit=lambda h: h["f32"].update(shape=[1000]))
+    assert damaged in _damaged_error(mismatch) and "tensor f32" in _damaged_error(mismatch)
+    not_json = variant("not_json", raw[:8] + b"{not json" + b" " * (n - 9) + raw[8 + n :])
+    assert damaged in _damaged_error(not_json) and "not JSON" in _damaged_error(not_json)
+    too_long = variant("too_long", (len(raw) + 1).to_bytes(8, "little") + raw[8:])
+    assert damaged in _damaged_error(too_long)
+    assert damaged in _damaged_error(variant("empty", b""))
+    assert damaged in _damaged_error(variant("no_offsets", edit=lambda h: h["bool"].pop("data_offsets")))
+    assert damaged in _damaged_error(variant("negative", edit=lambda h: h["bool"].update(shape=[-19])))
+    fp8 = _damaged_error(variant("fp8", edit=lambda h: h["u8"].update(dtype="F8_E4M3")))
+    assert "tensor u8 has dtype F8_E4M3" in fp8 and damaged not in fp8
+
+    folder = tmp_path / "bad-header"  # through load_model: the shard is named, one sentence
+    shutil.copytree(qwen2_folder, folder)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    _edit_header(shard, lambda h: h[next(k for k in h if k != "__metadata__")].update(data_offsets=[0, 10**9]))
+    msg = _user_error(folder)
+    assert msg.startswith(f"{shard}: {damaged}") and msg.endswith("; re-download or re-save it.")
 
 
 def _write_gguf(path: Path, arch: str) -> Path:

@@ -1,8 +1,14 @@
 """Load a model for tunesmith: an HF folder (config.json + safetensors) or a GGUF file, plus its tokenizer,
 chat template and generation defaults.
 
-HF folders: the decoder is built on the meta device (no memory), then each safetensors tensor is read through
-mmap straight onto the target device/dtype and assigned, so RAM never holds a second full copy.
+HF folders: the decoder is built on the meta device (no memory), then `read_safetensors` reads the shards itself
+(header parsed and checked here, no safe_open, no mmap): each tensor is allocated once on the target device and
+filled by plain reads (which release the GIL) in chunks spread over a thread pool; on CUDA the reads land in pinned
+staging buffers, two per worker, whose async copies run on the worker's stream while it reads the next chunk.
+RAM never holds a second full copy. Why: on the H200 a fresh process took 4.5 s (safe_open onto the GPU) or 3.2 s
+(mmap + .to(device), one thread per shard) for a 15 GB Qwen2.5-7B that a warm process loads in 1.5 s; the rest is
+mmap page faults and pageable host->GPU copies staged by the driver, which these reads and pinned copies are
+meant to avoid (the new path is not yet timed on the GPU).
 GGUF files: metadata and tensors come from gguf_file.GGUFFile (tensors dequantized one at a time); names go
 through GGUF_TO_HF.
 """
@@ -10,6 +16,10 @@ through GGUF_TO_HF.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import os
+import queue
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,8 +123,6 @@ def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device:
 
 
 def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
-    from safetensors import SafetensorError, safe_open
-
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; give the folder that holds config.json and the *.safetensors files.")
     raw = read_json(path / "config.json")
@@ -137,20 +145,9 @@ def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
         if not f.is_file():
             raise UserError(f"{f}: shard listed in model.safetensors.index.json is missing; re-download or re-save the model.")
 
-    def read_shard(f: Path) -> dict:
-        try:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
-                return {k: sf.get_tensor(k).to(dtype) for k in sf.keys()}
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{f}: the safetensors file is damaged or truncated ({e}); re-download or re-save it.")
-
-    # Shards are read in parallel (page cache -> GPU copies overlap) while the tokenizer loads beside them:
-    # a 15 GB Qwen2.5-7B folder reached the GPU in 3.2 s one shard after another.
-    with ThreadPoolExecutor(max_workers=min(8, len(files) + 1)) as pool:
-        tokenizer_job = pool.submit(Tokenizer.from_dir, path)
-        state = {}
-        for part in pool.map(read_shard, files):
-            state.update(part)
+    with ThreadPoolExecutor(max_workers=1) as side:  # the tokenizer loads beside the weights
+        tokenizer_job = side.submit(Tokenizer.from_dir, path)
+        state = read_safetensors(files, device, dtype)
         tokenizer = tokenizer_job.result()
     model = _assign_state(cfg, state, device, str(path))
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
@@ -161,6 +158,148 @@ def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
         chat_template = (path / "chat_template.jinja").read_text()
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     return _finish(model, tokenizer, ChatTemplate(chat_template, tokenizer), path, gen)
+
+
+# ---- safetensors ---------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+# Bytes per read (and per host->GPU copy, the size of each pinned staging buffer); a multiple of 8, so that a
+# chunk boundary never splits an element. Tests shrink it to make tensors span several chunks.
+CHUNK_BYTES = 32 << 20
+
+
+def _damaged(f: Path, why: str) -> UserError:
+    return UserError(f"{f}: the safetensors file is damaged or truncated ({why}); re-download or re-save it.")
+
+
+def read_safetensors_header(f: Path) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """(name, dtype, shape, start, end) of each tensor in file order, byte offsets from the file's start, all
+    checked against the header's length, the shapes and the file's size."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise _damaged(f, f"its header claims {n} bytes but the file holds {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+            raise _damaged(f, f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _damaged(f, "its header is not a JSON object")
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+            ok = all(type(d) is int and d >= 0 for d in (*shape, start, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _damaged(f, f"tensor {name} has no valid dtype, shape and data_offsets")
+        if kind not in SAFETENSORS_DTYPES:
+            raise UserError(f"{f}: tensor {name} has dtype {kind}, which tunesmith does not read "
+                            f"(it reads {', '.join(SAFETENSORS_DTYPES)}).")
+        dtype = SAFETENSORS_DTYPES[kind]
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise _damaged(f, f"tensor {name} spans bytes {start}..{end} of the data, not the "
+                              f"{math.prod(shape) * dtype.itemsize} its shape {shape} of {kind} needs")
+        if 8 + n + end > size:
+            raise _damaged(f, f"tensor {name} ends at byte {8 + n + end} but the file holds {size}")
+        entries.append((name, dtype, shape, 8 + n + start, 8 + n + end))
+    return sorted(entries, key=lambda e: e[3])
+
+
+def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: int | None = None) -> dict:
+    """name -> tensor of every tensor in the safetensors files, on `device`, cast to `dtype` (None: the file's).
+    Each tensor is allocated once on the device and its bytes are read in CHUNK_BYTES pieces by a thread pool
+    (a big tensor is spread over several workers). CPU: reads land in the tensor itself. CUDA: in a worker's
+    pinned staging buffer, copied on the worker's stream while it reads into its other buffer; all streams are
+    synchronized before returning, so the tensors are ready on any stream."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):  # other accelerators: through host memory
+        return {k: v.to(device) for k, v in read_safetensors(files, "cpu", dtype, workers).items()}
+    cuda = device.type == "cuda"
+    headers = [(Path(f), read_safetensors_header(Path(f))) for f in files]  # every file checked before reading
+    workers = workers or min(8 if cuda else 4, os.cpu_count() or 1)
+    lanes, all_lanes = queue.SimpleQueue(), []  # CUDA: one lane per worker, taken by each chunk for its read + copy
+    state, jobs = {}, []
+    try:
+        for _ in range(workers if cuda else 0):
+            lane = {"stream": torch.cuda.Stream(device), "staging": [None, None],
+                    "copied": [torch.cuda.Event(), torch.cuda.Event()], "turn": 0}
+            # The tensors come from the default stream's pool: their memory may still be in use by work queued
+            # there (a model being freed), which the copies must come after.
+            lane["stream"].wait_stream(torch.cuda.current_stream(device))
+            all_lanes.append(lane)
+            lanes.put(lane)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for f, entries in headers:
+                for name, file_dtype, shape, start, end in entries:
+                    out = state[name] = torch.empty(shape, dtype=dtype or file_dtype, device=device)
+                    for a in range(start, end, CHUNK_BYTES):
+                        b = min(end, a + CHUNK_BYTES)
+                        first = (a - start) // file_dtype.itemsize
+                        dst = out.view(-1)[first : first + (b - a) // file_dtype.itemsize]
+                        jobs.append(pool.submit(_read_chunk, f, a, b - a, dst, file_dtype, lanes if cuda else None))
+            try:
+                for job in jobs:
+                    job.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        for lane in all_lanes:
+            lane["stream"].synchronize()
+            lane["staging"] = None
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
+        if all_lanes and empty_host_cache:  # give the pinned staging buffers back to the system
+            empty_host_cache()
+    return state
+
+
+def _read_chunk(f: Path, offset: int, n: int, dst: torch.Tensor, file_dtype: torch.dtype, lanes) -> None:
+    """File bytes [offset, offset + n), elements of file_dtype, into the 1-d tensor dst (cast to its dtype)."""
+    if lanes is None:  # CPU: straight into dst's memory, or through a scratch buffer to cast from
+        buf = dst.view(torch.uint8) if dst.dtype == file_dtype else torch.empty(n, dtype=torch.uint8)
+        _read_into(f, offset, buf)
+        if dst.dtype != file_dtype:
+            dst.copy_(buf.view(file_dtype))
+        return
+    lane = lanes.get()
+    try:
+        i = lane["turn"] = 1 - lane["turn"]
+        if lane["staging"][i] is None:
+            lane["staging"][i] = torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
+        buf = lane["staging"][i][:n]
+        lane["copied"][i].synchronize()  # this buffer's previous copy has left it
+        _read_into(f, offset, buf)
+        with torch.cuda.stream(lane["stream"]):
+            if dst.dtype == file_dtype:
+                dst.view(torch.uint8).copy_(buf, non_blocking=True)
+            else:  # the file's dtype onto the GPU, cast there
+                dst.copy_(buf.view(file_dtype).to(dst.device, non_blocking=True))
+            lane["copied"][i].record(lane["stream"])
+    finally:
+        lanes.put(lane)
+
+
+def _read_into(f: Path, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 CPU tensor buf from file f at offset (readinto releases the GIL)."""
+    view = memoryview(buf.numpy())
+    try:
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise _damaged(f, f"it ended at byte {offset + got} while being read")
+                got += n
+    except OSError as e:
+        raise _damaged(f, str(e)) from None
 
 
 def _assign_state(cfg: ModelConfig, state: dict, device, source: str) -> Decoder:
