@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in this process (the driver's child)
+    ap.add_argument("--modes", nargs="+", default=["load", "imports", "load+imports", "load", "load+imports", "cuda",
+                                                   "cuda+imports", "cuda", "cuda+imports"])
     a = ap.parse_args()
     if a.mode:
         print(json.dumps(one(a.mode, a.model_dir, a.device)), flush=True)
@@ -72,8 +74,7 @@ def main() -> None:
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    for mode in ("load", "imports", "load+imports", "load", "load+imports", "cuda", "cuda+imports", "cuda",
-                 "cuda+imports"):
+    for mode in a.modes:
         subprocess.run([sys.executable, __file__, "--model-dir", a.model_dir, "--device", a.device, "--mode", mode],
                        check=True)
 
