@@ -54,6 +54,11 @@ def test_kernel_equals_masked_reference():
                     got = da.attend(q, k, v, da.SlotRange(lo, hi), splits=splits).float()
                     key = f"{dtype} hd{hd}"
                     worst[key] = max(worst.get(key, 0), (got - ref).abs().max().item())
+                # lo None (the decode step's spans): from slot 0, a row on the scratch slot reading it alone
+                step_lo = torch.where(hi == L - 1, hi, 0)
+                assert torch.equal(da.attend(q, k, v, da.SlotRange(None, hi), splits=3),
+                                   da.attend(q, k, v, da.SlotRange(step_lo, hi), splits=3))
+                assert not torch.equal(step_lo, lo)  # the explicit spans above differ: lo is really worked out
         print(worst)
     """)
     worst = eval(out, {"torch": torch})

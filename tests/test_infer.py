@@ -313,6 +313,22 @@ def test_static_cache_path_gives_the_dynamic_paths_tokens(smollm):
         assert static.complete(short, cfg).token_ids == want.token_ids, cfg
 
 
+def test_two_stage_argmax_equals_argmax_with_ties():
+    """The decode step's argmax (generate.argmax_rows: pieces, then the piece with the max) is argmax's, ties
+    included (the first index), for vocabularies that do and do not split evenly."""
+    from tunesmith.generate import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for V in (152064, 49152, 997):
+        for _ in range(10):
+            s = torch.randint(0, 4, (5, V), generator=g).float()  # ties everywhere
+            assert torch.equal(argmax_rows(s), s.argmax(-1)), V
+        s = torch.randn(2, V, generator=g)
+        s[0] = float("-inf")
+        s[1, -1] = 1e9
+        assert argmax_rows(s).tolist() == [0, V - 1]
+
+
 def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
     """Answers join and leave a DecodeSlots batch at different steps, with and without the adapter, greedy and
     sampled, with stop strings and token limits: each gets exactly what Generator.stream gives it alone."""

@@ -525,8 +525,7 @@ class Decoder(nn.Module):
         if cache.kv_len == T:  # prefill of fresh streams: plain causal attention over their own T slots
             mask = None
         elif T == 1 and slot_attention.usable(input_ids.device, self.config.head_dim):
-            hi = pos[:, 0]  # a row parked on the scratch slot (the last) reads that slot alone
-            mask = slot_attention.SlotRange(torch.where(hi == cache.max_len - 1, hi, 0), hi)
+            mask = slot_attention.SlotRange(None, pos[:, 0])  # a row on the scratch slot (the last) reads it alone
         else:
             slots = torch.arange(cache.kv_len or cache.max_len, device=input_ids.device)
             mask = (slots[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, slots)

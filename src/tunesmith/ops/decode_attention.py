@@ -23,9 +23,11 @@ import torch
 
 
 class SlotRange(NamedTuple):
-    """Row b attends cache slots lo[b]..hi[b] (inclusive); (B,) integer tensors on the cache's device."""
+    """Row b attends cache slots lo[b]..hi[b] (inclusive); (B,) integer tensors on the cache's device. lo None:
+    the decode step's rows, from slot 0, except a row parked on the scratch slot (the last), which reads that slot
+    alone; the kernels work lo out themselves (as a tensor it took a kernel of its own before each of them)."""
 
-    lo: torch.Tensor
+    lo: torch.Tensor | None
     hi: torch.Tensor
 
 
@@ -73,7 +75,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SlotRange, b
     if splits is None:
         splits = min(16, 1 << (-(-256 // (B * n_kv)) - 1).bit_length(), -(-L // block_n))  # a power of 2
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    return _kernels.attend(q, k, v, span.lo, span.hi, block_n, max(1, splits))
+    lo = span.hi if span.lo is None else span.lo  # not read when the kernels work it out
+    return _kernels.attend(q, k, v, lo, span.hi, block_n, max(1, splits), span.lo is None)
 
 
 if INTERPRETING:  # tests: every decode step attends through the kernels

@@ -11,10 +11,13 @@ from tunesmith.ops.decode_attention import INTERPRETING, LOG2E
 
 
 @triton.jit
-def _split_span(LO, HI, b, L, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+def _split_span(LO, HI, b, L, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LO_FROM_HI: tl.constexpr):
     """Row b's first block, number of blocks, and blocks per split."""
-    lo = tl.load(LO + b)
     hi = tl.minimum(tl.load(HI + b), L - 1)
+    if LO_FROM_HI:  # from slot 0, or the scratch slot (the last) alone
+        lo = tl.where(hi == L - 1, hi, 0)
+    else:
+        lo = tl.load(LO + b)
     first = lo // BLOCK_N
     nblocks = tl.where(hi >= lo, hi // BLOCK_N + 1 - first, 0)
     return lo, hi, first, nblocks, tl.cdiv(nblocks, SPLITS)
@@ -22,12 +25,12 @@ def _split_span(LO, HI, b, L, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
 @triton.jit
 def _partials(Q, K, V, LO, HI, O, M, S, sqb, sqh, skb, skh, skn, svb, svh, svn, L, SCALE: tl.constexpr,
               N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
-              BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr):
+              BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr, LO_FROM_HI: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // N_KV
     kv = bh % N_KV
-    lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS)
+    lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS, LO_FROM_HI)
     blk = first + split * per
     end = tl.minimum(blk + per, first + nblocks)
     g = tl.arange(0, G_PAD)
@@ -65,11 +68,11 @@ def _partials(Q, K, V, LO, HI, O, M, S, sqb, sqh, skb, skh, skn, svb, svh, svn, 
 
 @triton.jit
 def _combine(O, M, S, LO, HI, OUT, sob, soh, L, N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-             HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+             HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LO_FROM_HI: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // N_KV
     kv = bh % N_KV
-    lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS)
+    lo, hi, first, nblocks, per = _split_span(LO, HI, b, L, BLOCK_N, SPLITS, LO_FROM_HI)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, HD)
     m = tl.full([G_PAD], -1e30, tl.float32)  # finite, so the first split's weight is exp2(-huge) = 0, not nan
@@ -92,7 +95,7 @@ def _combine(O, M, S, LO, HI, OUT, sob, soh, L, N_KV: tl.constexpr, G: tl.conste
 
 @torch.library.triton_op("tunesmith::decode_attention", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            block_n: int, splits: int) -> torch.Tensor:
+            block_n: int, splits: int, lo_from_hi: bool = False) -> torch.Tensor:
     B, H, _, hd = q.shape
     n_kv, L = k.shape[1], k.shape[2]
     G = H // n_kv
@@ -104,8 +107,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, 
     torch.library.wrap_triton(_partials)[(B * n_kv, splits)](
         q, k, v, lo, hi, o, m, s, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), L, SCALE=hd**-0.5 * LOG2E, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-        BLOCK_N=block_n, SPLITS=splits, DOT_F32=INTERPRETING)
+        BLOCK_N=block_n, SPLITS=splits, DOT_F32=INTERPRETING, LO_FROM_HI=lo_from_hi)
     torch.library.wrap_triton(_combine)[(B * n_kv,)](
         o, m, s, lo, hi, out, out.stride(0), out.stride(1), L, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-        BLOCK_N=block_n, SPLITS=splits)
+        BLOCK_N=block_n, SPLITS=splits, LO_FROM_HI=lo_from_hi)
     return out
