@@ -226,7 +226,6 @@ def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
 STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes, LoRA)
     "kernels": (True, None, None),  # what tunesmith runs: gemv.ROLES as shipped
     "rope by inductor": (True, None, None),  # as "kernels", with ops/rope_write.py off
-    "SwiGLU apart": (True, None, None),  # as "kernels", with SwiGLU's own kernel before the down projection
     "inductor products": (True, set(), None),
     "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}, None),
     "masked reference": (False, set(), None),
@@ -257,7 +256,6 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     for variant in variants:
         decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
         rope_write.ENABLED = variant != "rope by inductor"
-        gemv.SWIGLU_IN_DOWN = variant != "SwiGLU apart"
         gemv.ROLES = shipped if roles is None else roles
         if lora and not lora_modules(lm.model):
             for name in ("a0", "a1"):
@@ -292,7 +290,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             del cache
             free()
         del g
-    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED, gemv.SWIGLU_IN_DOWN = True, shipped, True, True
+    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED = True, shipped, True
     set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
         if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:

@@ -321,17 +321,19 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if fused_ready(self.gate_up, self.gate_proj, self.up_proj):
-            return project(self.down_proj, gemv.linear(x, *self.gate_up, role="gate_up"), "down", gated=True)
-        return project(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), "down")
+            gate, up = gemv.linear(x, *self.gate_up, role="gate_up").chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return project(self.down_proj, F.silu(gate) * up, "down")
 
 
-def project(mod: nn.Module, x: torch.Tensor, role: str, gated: bool = False) -> torch.Tensor:
-    """mod(x) (gated: mod(silu(gate) * up) of x = [gate | up]); a plain linear (or a LoRA-wrapped one with no
-    adapter active) goes through gemv.linear, which takes one-row products of compiled decode steps."""
+def project(mod: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    """mod(x); a plain linear (or a LoRA-wrapped one with no adapter active) goes through gemv.linear, which
+    takes one-row products of compiled decode steps."""
     base = getattr(mod, "base_layer", mod)
     if getattr(mod, "active", None) is None and isinstance(base, nn.Linear):
-        return gemv.linear(x, base.weight, base.bias, role, gated)
-    return mod(gemv.swiglu(x) if gated else x)
+        return gemv.linear(x, base.weight, base.bias, role)
+    return mod(x)
 
 
 def fuse_linears(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:

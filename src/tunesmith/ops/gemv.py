@@ -22,9 +22,6 @@ ENABLED = True  # False: one-row products compiled from now on go through F.line
 # RMSNorm before a product into it as well made the products 0.24 ms slower per step, more than the 56 norm
 # kernels it removed: each program re-reads x for its sum of squares before its weights start streaming).
 ROLES = {"qkv", "o", "gate_up", "down", "lm_head"}
-# The down projection's kernel makes SwiGLU's silu(gate) * up itself as it reads its input (was a kernel of its
-# own, 28 a step); False: that kernel again (benchmarks).
-SWIGLU_IN_DOWN = True
 
 _kernels = None  # the kernel's module once load_kernels() imported it
 
@@ -42,22 +39,14 @@ def load_kernels() -> bool:
     return True
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, role: str, gated: bool = False) -> bool:
-    """Whether x @ weight.T should run through the kernel: x holds exactly one row (gated: [gate | up], twice the
-    weight's width), weight is a contiguous half-precision (or fp32) matrix, no gradient is wanted, and this is a
-    compiled CUDA step (or the interpreter)."""
+def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
+    """Whether x @ weight.T should run through the kernel: x holds exactly one row, weight is a contiguous
+    half-precision (or fp32) matrix, no gradient is wanted, and this is a compiled CUDA step (or the interpreter)."""
     if not ENABLED or role not in ROLES or _kernels is None or torch.is_grad_enabled():
         return False
-    if x.numel() != weight.shape[-1] * (2 if gated else 1) or x.stride(-1) != 1 or not weight.is_contiguous() \
-            or weight.dtype != x.dtype or (gated and not SWIGLU_IN_DOWN):
+    if x.numel() != weight.shape[-1] or x.stride(-1) != 1 or not weight.is_contiguous() or weight.dtype != x.dtype:
         return False
     return INTERPRETING or (x.is_cuda and torch.compiler.is_compiling())
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of the fused [gate | up] product's output."""
-    gate, up = gate_up.chunk(2, -1)
-    return F.silu(gate) * up
 
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
@@ -71,13 +60,12 @@ def tiles(n: int, k: int) -> tuple[int, int, int, int]:
     return 4, 512, 8 if k >= 8192 else 4, 1
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str,
-           gated: bool = False) -> torch.Tensor:
-    """F.linear(x, weight, bias) (gated: of swiglu(x)); through the kernel when x is one row and `role` (the
-    decoder's name for the product: qkv, o, gate_up, down, lm_head) is in ROLES."""
-    if not usable(x, weight, role, gated):
-        return F.linear(swiglu(x) if gated else x, weight, bias)
-    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape), gated)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str) -> torch.Tensor:
+    """F.linear(x, weight, bias); through the kernel when x is one row and `role` (the decoder's name for the
+    product: qkv, o, gate_up, down, lm_head) is in ROLES."""
+    if not usable(x, weight, role):
+        return F.linear(x, weight, bias)
+    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape))
 
 
 if INTERPRETING:  # tests: one-row products run through the kernel

@@ -10,9 +10,8 @@ from tunesmith.ops.decode_attention import INTERPRETING
 
 
 @triton.jit
-def _tile(X, W, n, k, N, K, stride_w, EVEN: tl.constexpr, GATED: tl.constexpr):
-    """W[n, k] * x[k] in fp32, a (BLOCK_N, BLOCK_K) tile; W is read once, so it skips the cache. GATED: X holds
-    [gate | up] (2K) and x = silu(gate) * up, rounded to X's dtype as the unfused SwiGLU's output is."""
+def _tile(X, W, n, k, N, K, stride_w, EVEN: tl.constexpr):
+    """W[n, k] * x[k] in fp32, a (BLOCK_N, BLOCK_K) tile; W is read once, so it skips the cache."""
     if EVEN:
         x = tl.load(X + k)
         w = tl.load(W + n[:, None] * stride_w + k[None, :], eviction_policy="evict_first")
@@ -20,27 +19,23 @@ def _tile(X, W, n, k, N, K, stride_w, EVEN: tl.constexpr, GATED: tl.constexpr):
         x = tl.load(X + k, mask=k < K, other=0.0)
         w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0,
                     eviction_policy="evict_first")
-    if GATED:
-        g = x.to(tl.float32)
-        up = tl.load(X + K + k, mask=k < K, other=0.0).to(tl.float32)
-        x = (g * tl.sigmoid(g) * up).to(X.dtype.element_ty)
     return w.to(tl.float32) * x.to(tl.float32)[None, :]
 
 
 @triton.jit
 def _gemv(X, W, BIAS, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN: tl.constexpr, INTERPRETING: tl.constexpr, GATED: tl.constexpr):
+          EVEN: tl.constexpr, INTERPRETING: tl.constexpr):
     """y[n] = sum_k x[k] W[n, k] (+ bias[n]) for BLOCK_N rows of W a program."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if INTERPRETING:  # Triton's interpreter (CPU tests) cannot range() over a runtime bound
         k0 = 0
         while k0 < K:
-            acc += _tile(X, W, n, k0 + tl.arange(0, BLOCK_K), N, K, stride_w, EVEN, GATED)
+            acc += _tile(X, W, n, k0 + tl.arange(0, BLOCK_K), N, K, stride_w, EVEN)
             k0 += BLOCK_K
     else:  # a for loop, which Triton software-pipelines (num_stages)
         for k0 in range(0, K, BLOCK_K):
-            acc += _tile(X, W, n, k0 + tl.arange(0, BLOCK_K), N, K, stride_w, EVEN, GATED)
+            acc += _tile(X, W, n, k0 + tl.arange(0, BLOCK_K), N, K, stride_w, EVEN)
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)
@@ -48,19 +43,18 @@ def _gemv(X, W, BIAS, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.con
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int, warps: int,
-           stages: int, gated: bool = False, wrap=lambda kernel: kernel) -> torch.Tensor:
-    """x (one row of K, any leading shape; gated: [gate | up], 2K) times w (N, K), plus bias: shaped like x with
-    N last."""
+           stages: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+    """x (one row of K, any leading shape) times w (N, K), plus bias: shaped like x with N last."""
     N, K = w.shape
     y = torch.empty(x.shape[:-1] + (N,), device=x.device, dtype=x.dtype)
     wrap(_gemv)[(triton.cdiv(N, block_n),)](
         x, w, x if bias is None else bias, y, N, K, w.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0, INTERPRETING=INTERPRETING, GATED=gated,
-        num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0, INTERPRETING=INTERPRETING, num_warps=warps,
+        num_stages=stages)
     return y
 
 
 @torch.library.triton_op("tunesmith::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int, warps: int,
-         stages: int, gated: bool = False) -> torch.Tensor:
-    return launch(x, weight, bias, block_n, block_k, warps, stages, gated, wrap=torch.library.wrap_triton)
+         stages: int) -> torch.Tensor:
+    return launch(x, weight, bias, block_n, block_k, warps, stages, wrap=torch.library.wrap_triton)
