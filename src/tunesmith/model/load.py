@@ -6,9 +6,9 @@ HF folders: the decoder is built on the meta device (no memory), then `read_safe
 filled by plain reads (which release the GIL) in chunks spread over a thread pool; on CUDA the reads land in pinned
 staging buffers, two per worker, whose async copies run on the worker's stream while it reads the next chunk.
 RAM never holds a second full copy. Why: on the H200 a fresh process took 4.5 s (safe_open onto the GPU) or 3.2 s
-(mmap + .to(device), one thread per shard) for a 15 GB Qwen2.5-7B that a warm process loads in 1.5 s; the rest is
-mmap page faults and pageable host->GPU copies staged by the driver, which these reads and pinned copies are
-meant to avoid (the new path is not yet timed on the GPU).
+(mmap + .to(device), one thread per shard) for a 15 GB Qwen2.5-7B that a warm process loads in 1.5 s (mmap page
+faults, pageable host->GPU copies staged by the driver); this path took 1.7-1.8 s there (bench/load_overlap.py,
+session 18).
 GGUF files: metadata and tensors come from gguf_file.GGUFFile (tensors dequantized one at a time); names go
 through GGUF_TO_HF.
 """
