@@ -140,12 +140,14 @@ class Trainer:
         if self.parked:
             self.model.park_embeddings("cpu")
         self.parallel_model = self.dp.wrap(self.model, full=args.train_type == "full")  # before the optimizer
-        # torch's fused AdamW kernel, one launch for all parameters (foreach would also hold a temporary copy of
-        # them: 15 GB for a full fine-tune of a 7B), without importing torch._dynamo (train/optim.py). Under FSDP
-        # torch.optim's own: DCP's sharded optimizer state dicts take only its optimizers, over DTensor shards.
+        # LoRA: torch's fused AdamW kernel without torch.optim, which would import torch._dynamo (train/optim.py).
+        # Full fine-tuning keeps torch.optim's: its checkpoints' optimizer state may be DCP shards (FSDP, resumable on
+        # any number of processes), whose state-dict functions take only torch.optim optimizers; fused on one GPU
+        # (foreach would also hold a temporary copy of the parameters: 15 GB for a 7B), foreach over FSDP's shards.
         groups = param_groups(self.model, args.weight_decay)
-        if self.dp.sharded:
-            self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        if args.train_type == "full":
+            self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                               fused=device.type == "cuda" and self.dp.world == 1)
         else:
             self.optimizer = AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0

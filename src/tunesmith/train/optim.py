@@ -6,7 +6,8 @@ Why not torch.optim: its Optimizer methods are wrapped in `torch._disable_dynamo
 the tutorial's 10-step seed job on the H200 (session 17), for a run that never compiles. The update is the same
 kernel with the same arguments, so the parameters match torch.optim.AdamW(fused=True) bit for bit
 (tests/test_sft.py), and `state_dict()` has torch's layout (integer parameter ids, `step` / `exp_avg` /
-`exp_avg_sq`), so checkpoints load in either.
+`exp_avg_sq`), so checkpoints load in either. LoRA runs use it; full fine-tuning keeps torch.optim (train/loop.py:
+its FSDP checkpoints hold DCP-sharded optimizer state, whose state-dict functions take only torch.optim's).
 """
 
 from __future__ import annotations
