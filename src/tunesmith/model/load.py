@@ -110,6 +110,41 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+_cpu_rates: dict[torch.dtype, tuple[float, float]] = {}  # dtype -> (its, float32's) GFLOP/s on this CPU, measured
+
+
+def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | torch.dtype | None, str | None]:
+    """The dtype to train in on `device`, and a note when it is not the one asked for: on a CPU whose bfloat16 /
+    float16 matrix products are far slower than float32's (no native instructions: 1.2 against 89 GFLOP/s on an
+    AVX2-only EPYC, session 18, where the tutorial's 10 bf16 steps of SmolLM2-135M took 20 minutes), float32.
+    Measured once per process with a 64 x 256 x 256 product (milliseconds)."""
+    want = parse_dtype(dtype)
+    if torch.device(device).type != "cpu" or want not in (torch.bfloat16, torch.float16):
+        return dtype, None
+    if want not in _cpu_rates:
+        import time
+
+        def rate(dt):
+            a, b = torch.randn(64, 256).to(dt), torch.randn(256, 256).to(dt)
+            a @ b
+            best = min(_timed(lambda: a @ b, time.perf_counter) for _ in range(2))
+            return 2 * 64 * 256 * 256 / max(best, 1e-9) / 1e9
+
+        _cpu_rates[want] = (rate(want), rate(torch.float32))
+    slow, fp32 = _cpu_rates[want]
+    if slow * 4 >= fp32:
+        return dtype, None
+    name = str(want).removeprefix("torch.")
+    return torch.float32, (f"note: this CPU multiplies {name} matrices at {slow:.1f} GFLOP/s against {fp32:.0f} in "
+                           f"float32 (no native {name} instructions), so training computes in float32.")
+
+
+def _timed(fn, clock) -> float:
+    t = clock()
+    fn()
+    return clock() - t
+
+
 def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Load weights + tokenizer + template. dtype None: the checkpoint's dtype on GPU, float32 on CPU."""
     path = resolve_model_path(name)

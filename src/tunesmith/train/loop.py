@@ -25,7 +25,7 @@ import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imp
 from tunesmith.args import SftArgs, to_dict
 from tunesmith.data.packing import Sample, encode_dataset, pack_samples
 from tunesmith.errors import UserError
-from tunesmith.model.load import LoadedModel, load_model
+from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
 from tunesmith.train import checkpoint as ckpt_io
 from tunesmith.train import distributed
@@ -448,7 +448,10 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if lm is None:
         warm = threading.Thread(target=prewarm, daemon=True)
         warm.start()
-        lm = load_model(args.model, args.torch_dtype, device)
+        dtype, note = cpu_compute_dtype(args.torch_dtype, device)  # --torch_dtype bfloat16 on a CPU without bf16
+        if note and not quiet:
+            print(note, file=sys.stderr)
+        lm = load_model(args.model, dtype, device)
         warm.join()
     phases.mark("load")
     if args.template:
