@@ -126,8 +126,11 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
 
         def rate(dt):
             a, b = torch.randn(64, 256).to(dt), torch.randn(256, 256).to(dt)
-            a @ b
-            best = min(_timed(lambda: a @ b, time.perf_counter) for _ in range(2))
+            best = float("inf")
+            for _ in range(3):  # the first one warms up
+                t = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t)
             return 2 * 64 * 256 * 256 / max(best, 1e-9) / 1e9
 
         _cpu_rates[want] = (rate(want), rate(torch.float32))
@@ -137,12 +140,6 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
     name = str(want).removeprefix("torch.")
     return torch.float32, (f"note: this CPU multiplies {name} matrices at {slow:.1f} GFLOP/s against {fp32:.0f} in "
                            f"float32 (no native {name} instructions), so training computes in float32.")
-
-
-def _timed(fn, clock) -> float:
-    t = clock()
-    fn()
-    return clock() - t
 
 
 def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
