@@ -183,13 +183,6 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
               "agree": int(agree.sum()), "of": NEW, "agree_where_top2_gap_gt_0.05": int((agree & clear).sum()),
               "gap_gt_0.05": int(clear.sum()), "first_free_running_difference": next(
                   (i for i, (a, b) in enumerate(zip(got, results[("tunesmith-eager", plen)])) if a != b), NEW)})
-        cache = fast._static_cache()
-        tok, p = torch.tensor([[1]], device=DEVICE), torch.tensor([[plen]], device=DEVICE)
-        picks = greedy_inputs(fast, 1)
-        step = lambda: [fast._compiled_step(tok, p, cache, *picks) for _ in range(100)]  # noqa: E731
-        step()
-        emit({"part": "decode", "impl": "tunesmith", "prompt": plen, "graph_step_only_ms": round(
-            sync_time(step)[0] * 10, 3)})
         if skip_hf:
             continue
         x = torch.tensor([ids], device=DEVICE)

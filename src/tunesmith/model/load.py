@@ -117,7 +117,8 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
     """The dtype to train in on `device`, and a note when it is not the one asked for: on a CPU whose bfloat16 /
     float16 matrix products are far slower than float32's (no native instructions: 1.2 against 89 GFLOP/s on an
     AVX2-only EPYC, session 18, where the tutorial's 10 bf16 steps of SmolLM2-135M took 20 minutes), float32.
-    Measured once per process with a 64 x 256 x 256 product (milliseconds)."""
+    Measured once per process with a 64 x 256 x 256 product (milliseconds), so call it while no other thread of
+    the process is busy: beside an importing thread, float32's product measured 0.5 GFLOP/s on this 2-core CPU."""
     want = parse_dtype(dtype)
     if torch.device(device).type != "cpu" or want not in (torch.bfloat16, torch.float16):
         return dtype, None
