@@ -128,7 +128,7 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
         def rate(dt):
             a, b = torch.randn(64, 256).to(dt), torch.randn(256, 256).to(dt)
             best = float("inf")
-            for _ in range(3):  # the first one warms up
+            for _ in range(5):  # the first one warms up
                 t = time.perf_counter()
                 a @ b
                 best = min(best, time.perf_counter() - t)
