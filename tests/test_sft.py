@@ -630,6 +630,49 @@ def test_bad_input_is_one_sentence_and_leaves_nothing(bad_input_runs, case, word
     assert run_folders(out_dir) == [], "a run folder was created for an error caught before training"
 
 
+@pytest.mark.parametrize("argv, sentence", [
+    # each of these divided by zero, crashed mid-run or mid-answer, or ran and did nonsense (session 19)
+    ("sft --lora_rank 0", "--lora_rank 0: it must be at least 1."),
+    ("sft --per-device-train-batch-size 0", "--per_device_train_batch_size 0: it must be at least 1."),
+    ("sft --logging_steps 0", "--logging_steps 0: it must be at least 1."),
+    ("sft --save_steps 0", "--save_steps 0: it must be at least 1."),
+    ("sft --lora_dropout 1.5", "--lora_dropout 1.5: it must be at least 0 and below 1."),
+    ("sft --learning_rate -1", "--learning_rate -1.0: it must be above 0."),
+    ("sft --warmup_ratio 2", "--warmup_ratio 2.0: it must be at least 0 and at most 1."),
+    ("sft --num_train_epochs 0", "--num_train_epochs 0.0: it must be above 0."),
+    ("sft --gradient_accumulation_steps 0", "--gradient_accumulation_steps 0: it must be at least 1."),
+    ("infer --query hi --top_p 0", "--top_p 0.0: it must be above 0 and at most 1."),
+    ("infer --query hi --temperature -1", "--temperature -1.0: it must be at least 0."),
+    ("infer --query hi --max_new_tokens 0", "--max_new_tokens 0: it must be at least 1."),
+    ("infer --query hi --repetition_penalty 0", "--repetition_penalty 0.0: it must be above 0."),
+    ("deploy --port 99999", "--port 99999: it must be at least 0 and at most 65535."),
+    ("deploy --max_model_len 1", "--max_model_len 1: it must be at least 2."),
+])
+def test_numbers_outside_their_flags_bounds_are_one_sentence(tmp_path, capsys, monkeypatch, argv, sentence):
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "good.json", TUTORIAL_ROWS)
+    command, *flags = argv.split()
+    extra = ["--dataset", "good.json"] if command == "sft" else []
+    assert main([command, "--model", "smollm2-135m-instruct", *extra, *flags]) == 1
+    assert capsys.readouterr().err == f"error: {sentence}\n"
+    assert list(tmp_path.iterdir()) == [tmp_path / "good.json"]  # refused before anything was written
+
+
+def test_bounds_admit_their_edges():
+    from tunesmith.args import build
+    from tunesmith.cli import COMMANDS, parser
+
+    edges = {"sft": {"lora_dropout": 0.0, "warmup_ratio": 1.0, "max_grad_norm": 0.0, "save_total_limit": 1},
+             "infer": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1},
+             "deploy": {"port": 0, "max_model_len": 2, "max_num_seqs": 1}}
+    for command, values in edges.items():
+        argv = [command] + [a for k, v in values.items() for a in (f"--{k}", str(v))]
+        args = build(COMMANDS[command][0], parser().parse_args(argv))
+        assert {k: getattr(args, k) for k in values} == values
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. Checkpoint rotation, evaluation, over-long samples
 # ---------------------------------------------------------------------------------------------------------------

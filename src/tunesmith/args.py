@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from tunesmith.errors import UserError
 
 
-def opt(default, help: str, nargs=None, choices=None, aliases: tuple[str, ...] = ()):
-    return field(default=default, metadata={"help": help, "nargs": nargs, "choices": choices, "aliases": aliases})
+def opt(default, help: str, nargs=None, choices=None, aliases: tuple[str, ...] = (), *, at_least=None, above=None,
+        at_most=None, below=None):
+    """A flag. at_least / above / at_most / below bound a number (checked by `build`, one sentence when outside)."""
+    bounds = {k: v for k, v in (("at least", at_least), ("above", above), ("at most", at_most), ("below", below))
+              if v is not None}
+    return field(default=default, metadata={"help": help, "nargs": nargs, "choices": choices, "aliases": aliases,
+                                            "bounds": bounds})
 
 
 def many(help: str, nargs="+"):
@@ -39,31 +44,34 @@ class SftArgs(ModelArgs):
     dataset: list = many("dataset files/folders, 'self-cognition', 'general-distill'; 'name#N' samples N rows")
     val_dataset: list = many("evaluation datasets (same forms as --dataset)")
     split_dataset_ratio: float = opt(0.0, "share of --dataset held out for evaluation when no --val_dataset")
-    num_train_epochs: float = opt(3.0, "epochs over the training data")
+    num_train_epochs: float = opt(3.0, "epochs over the training data", above=0)
     max_steps: int = opt(-1, "stop after this many optimizer steps (overrides epochs when > 0)")
-    per_device_train_batch_size: int = opt(1, "samples per micro-batch (packing fills rows up to --max_length)")
-    per_device_eval_batch_size: int = opt(1, "samples per evaluation micro-batch")
-    learning_rate: float | None = opt(None, "peak learning rate (default 1e-4 LoRA, 1e-5 full)")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    per_device_train_batch_size: int = opt(1, "samples per micro-batch (packing fills rows up to --max_length)",
+                                           at_least=1)
+    per_device_eval_batch_size: int = opt(1, "samples per evaluation micro-batch", at_least=1)
+    learning_rate: float | None = opt(None, "peak learning rate (default 1e-4 LoRA, 1e-5 full)", above=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay", at_least=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", at_least=0)
     lr_scheduler_type: str = opt("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.0, "share of steps with linear warm-up")
-    lora_rank: int = opt(8, "LoRA rank r")
-    lora_alpha: float = opt(32, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    warmup_ratio: float = opt(0.0, "share of steps with linear warm-up", at_least=0, at_most=1)
+    lora_rank: int = opt(8, "LoRA rank r", at_least=1)
+    lora_alpha: float = opt(32, "LoRA alpha (scaling = alpha / r)", above=0)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", at_least=0, below=1)
     target_modules: list = field(default_factory=lambda: ["all-linear"], metadata={
         "help": "all-linear | module names (q_proj v_proj ...) | one regex", "nargs": "+", "choices": None, "aliases": ()})
-    gradient_accumulation_steps: int | None = opt(None, "micro-batches per optimizer step (default: 16 / batch size)")
-    eval_steps: int | None = opt(None, "evaluate every N steps (default: --save_steps)")
-    save_steps: int = opt(500, "save a checkpoint every N steps (and at the end)")
-    save_total_limit: int | None = opt(None, "keep at most N checkpoints (the best and the last are kept)")
-    logging_steps: int = opt(5, "log every N steps")
-    max_length: int = opt(2048, "longest sample in tokens")
+    gradient_accumulation_steps: int | None = opt(None, "micro-batches per optimizer step (default: 16 / batch size)",
+                                                  at_least=1)
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: --save_steps)", at_least=1)
+    save_steps: int = opt(500, "save a checkpoint every N steps (and at the end)", at_least=1)
+    save_total_limit: int | None = opt(None, "keep at most N checkpoints (the best and the last are kept)", at_least=1)
+    logging_steps: int = opt(5, "log every N steps", at_least=1)
+    max_length: int = opt(2048, "longest sample in tokens", at_least=1)
     truncation_strategy: str = opt("delete", "samples over --max_length: delete | left | right",
                                    choices=("delete", "left", "right"))
     output_dir: str = opt("output", "runs go to <output_dir>/v<N>-<timestamp>/")
     add_version: bool = opt(True, "put each run in a new v<N>-<timestamp> folder")
-    dataloader_num_workers: int = opt(0, "accepted for ms-swift compatibility (tokenization runs in-process)")
+    dataloader_num_workers: int = opt(0, "accepted for ms-swift compatibility (tokenization runs in-process)",
+                                      at_least=0)
     model_author: list = many("author for the self-cognition data: one value, or Chinese then English", nargs="+")
     model_name: list = many("name for the self-cognition data: one value, or Chinese then English", nargs="+")
     resume_from_checkpoint: str | None = opt(None, "continue a run from its checkpoint folder")
@@ -80,11 +88,11 @@ class SftArgs(ModelArgs):
 class GenArgs(ModelArgs):
     adapters: list = many("LoRA checkpoint folder(s); the base model is read from the checkpoint")
     stream: bool = opt(True, "stream tokens as they are generated")
-    temperature: float | None = opt(None, "0 = greedy (default: the model's generation_config)")
-    top_p: float | None = opt(None, "nucleus sampling")
-    top_k: int | None = opt(None, "top-k sampling")
-    repetition_penalty: float | None = opt(None, "penalize tokens already present")
-    max_new_tokens: int = opt(2048, "most new tokens per answer")
+    temperature: float | None = opt(None, "0 = greedy (default: the model's generation_config)", at_least=0)
+    top_p: float | None = opt(None, "nucleus sampling", above=0, at_most=1)
+    top_k: int | None = opt(None, "top-k sampling", at_least=0)
+    repetition_penalty: float | None = opt(None, "penalize tokens already present", above=0)
+    max_new_tokens: int = opt(2048, "most new tokens per answer", at_least=1)
     stop: list = many("stop strings")
     merge_lora: bool = opt(False, "merge the LoRA into the weights once (faster decoding, same output)")
     infer_backend: str = opt("pt", "accepted for compatibility; tunesmith has one engine")
@@ -96,8 +104,9 @@ class InferArgs(GenArgs):
     val_dataset: list = many("batch mode: answer every row of these datasets")
     prompts: str | None = opt(None, "batch mode: a file of prompts (JSONL/JSON/CSV/text lines)")
     result_path: str | None = opt(None, "batch mode: where to write the JSONL (default: <ckpt>/infer_result/<time>.jsonl)")
-    max_length: int | None = opt(None, "context window for history (default: the model's)")
-    max_batch_size: int | None = opt(None, "batch mode: answers decoded together (default 16 on GPU, 4 on CPU)")
+    max_length: int | None = opt(None, "context window for history (default: the model's)", at_least=1)
+    max_batch_size: int | None = opt(None, "batch mode: answers decoded together (default 16 on GPU, 4 on CPU)",
+                                     at_least=1)
     torch_compile: bool | None = opt(None, "decode through a compiled CUDA-graph step (default: on GPU in batch mode; "
                                            "off for a query or a chat, where compiling, ~80 s for a 7B, costs more "
                                            "than it saves)")
@@ -139,9 +148,28 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 def build(cls, namespace: argparse.Namespace):
     given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
     try:
-        return cls(**given)
+        args = cls(**given)
     except TypeError as e:
         raise UserError(f"bad arguments: {e}")
+    check_bounds(args)
+    return args
+
+
+_INSIDE = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b, "at most": lambda v, b: v <= b,
+           "below": lambda v, b: v < b}
+
+
+def check_bounds(args) -> None:
+    """A number outside its flag's bounds (`opt`) is one sentence naming the flag, its value and the rule: the
+    run would otherwise divide by zero (--save_steps 0), crash mid-answer (--top_p 0) or quietly do nonsense
+    (a negative --learning_rate climbs the loss)."""
+    for f in dataclasses.fields(args):
+        bounds, value = f.metadata.get("bounds"), getattr(args, f.name)
+        if not bounds or value is None or isinstance(value, bool):
+            continue
+        if not all(_INSIDE[rule](value, b) for rule, b in bounds.items()):
+            rules = " and ".join(f"{rule} {b}" for rule, b in bounds.items())
+            raise UserError(f"--{f.name} {value}: it must be {rules}.")
 
 
 def to_dict(args) -> dict:
@@ -170,14 +198,15 @@ class ExportArgs(ModelArgs):
 @dataclass(frozen=True)
 class DeployArgs(GenArgs):
     host: str = opt("127.0.0.1", "address to listen on")
-    port: int = opt(8000, "port")
+    port: int = opt(8000, "port", at_least=0, at_most=65535)
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY'")
     served_model_name: str | None = opt(None, "name of the base model in the API (default: the folder name)")
-    max_concurrency: int = opt(64, "queued requests before the server answers 429")
-    request_timeout: float = opt(600.0, "seconds before a request is cancelled")
-    max_num_seqs: int | None = opt(None, "answers decoded together (rows of the KV cache; default 16 on GPU, 4 on CPU)")
+    max_concurrency: int = opt(64, "queued requests before the server answers 429", at_least=1)
+    request_timeout: float = opt(600.0, "seconds before a request is cancelled", above=0)
+    max_num_seqs: int | None = opt(None, "answers decoded together (rows of the KV cache; default 16 on GPU, 4 on "
+                                         "CPU)", at_least=1)
     max_model_len: int | None = opt(None, "prompt + answer tokens per request (default: the model's context, at most "
-                                          "8192 on GPU, 4096 on CPU)")
+                                          "8192 on GPU, 4096 on CPU)", at_least=2)
     torch_compile: bool | None = opt(None, "decode through a compiled CUDA-graph step (default: on GPU; compiled "
                                            "once at start, ~80 s for a 7B, before the server says ready)")
 

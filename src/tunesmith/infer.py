@@ -266,8 +266,6 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
-    if args.max_batch_size is not None and args.max_batch_size < 1:
-        raise UserError(f"--max_batch_size {args.max_batch_size}: it must be at least 1.")
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:

@@ -514,10 +514,6 @@ def deploy(args: DeployArgs) -> int:
         raise UserError("no --model or --adapters given; pass a model folder, a .gguf file, 'smollm2-135m-instruct' "
                         "or LoRA checkpoints (NAME=CKPT).")
     parse_adapter_specs(args.adapters)  # a wrong checkpoint path fails now, not after the server is up
-    if args.max_num_seqs is not None and args.max_num_seqs < 1:
-        raise UserError(f"--max_num_seqs {args.max_num_seqs}: it must be at least 1.")
-    if args.max_model_len is not None and args.max_model_len < 2:
-        raise UserError(f"--max_model_len {args.max_model_len}: it must be at least 2 tokens.")
     sock = listen(args.host, args.port)
     app = create_app(lambda: load_for_generation(args), args)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
