@@ -161,7 +161,7 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     for plen in (64, 1024):
         ids = prompt_ids(plen, plen)
         t0 = time.perf_counter()
-        want = fast.complete(ids, full)  # warm-up: compiles and records the CUDA graph
+        fast.complete(ids, full)  # warm-up: compiles and records the CUDA graph
         emit({"part": "decode", "impl": "tunesmith", "prompt": plen, "event": "warmup",
               "seconds": round(time.perf_counter() - t0, 1)})
         for name, gen, n in (("tunesmith", fast, runs), ("tunesmith-eager", plain, 1)):

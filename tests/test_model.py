@@ -557,3 +557,24 @@ def test_cli_prints_load_errors_without_traceback(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert str(missing) in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_a_device_this_machine_cannot_use_is_one_sentence(tmp_path, capsys, monkeypatch):
+    from tunesmith.cli import main
+    from tunesmith.model.load import pick_device
+
+    assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"^--device 'gpu' is not a device; use cpu, cuda or cuda:N\.$"):
+        pick_device("gpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(UserError, match=rf"^--device cuda:{gpus}: this machine has "):
+        pick_device(f"cuda:{gpus}")  # one past the last GPU, or any GPU where there is none
+    if gpus == 0:  # before: torch's "AssertionError: Torch not compiled with CUDA enabled" traceback
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "d.json").write_text('[{"instruction": "hi", "output": "hello"}]')
+        for argv in (["sft", "--dataset", "d.json"], ["infer", "--query", "hi"], ["export", "--to_gguf", "true", "--output_dir", "exported"]):
+            assert main([argv[0], "--model", "smollm2-135m-instruct", "--device", "cuda", *argv[1:]]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith("error: --device cuda: this machine has no usable CUDA GPU") and err.count("\n") == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]

@@ -765,3 +765,19 @@ def test_a_short_training_run_never_imports_the_compiler(qwen_tiny_dir, tmp_path
     assert "DYNAMO False" in proc.stdout
     (run,) = run_folders(tmp_path / "out")
     assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_an_output_path_the_system_refuses_is_one_sentence(tmp_path, capsys, monkeypatch):
+    """--output_dir under a file: before, FileNotFoundError / NotADirectoryError tracebacks from mkdir."""
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "good.json", TUTORIAL_ROWS)
+    (tmp_path / "a_file").write_text("not a folder")
+    for argv in (["sft", "--dataset", "good.json", "--max_steps", "1", "--output_dir", "a_file/out"],
+                 ["export", "--to_gguf", "true", "--output_dir", "a_file/out"]):
+        assert main([argv[0], "--model", "smollm2-135m-instruct", *argv[1:]]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot use a_file/out (Not a directory); pick another path") and \
+            err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "good.json"]

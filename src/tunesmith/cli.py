@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path the system refused (an --output_dir under a file, no permission, a full disk)
+        if debug or e.filename is None:
+            raise
+        print(f"error: cannot use {e.filename} ({e.strerror}); pick another path, or pass --debug to see where "
+              f"this happened.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
-
 from tunesmith.args import GenArgs, InferArgs
 from tunesmith.errors import UserError
 from tunesmith.generate import Generator, SamplingConfig
-from tunesmith.model.load import LoadedModel, load_model
+from tunesmith.model.load import LoadedModel, load_model, pick_device
 from tunesmith.model.lora import load_adapter, merge_lora, set_active_adapter
 from tunesmith.text.template import CHATML, ChatTemplate
 from tunesmith.train.checkpoint import read_checkpoint_args
@@ -76,7 +74,7 @@ def load_for_generation(args: GenArgs, device: str | None = None) -> Session:
             raise UserError(f"{next(iter(adapters.values()))}: the checkpoint does not name its base model; pass --model.")
     else:
         raise UserError("no --model or --adapters given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
-    dev = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device or pick_device(args.device)
     lm = load_model(base, args.torch_dtype, dev)
     template = args.template or (ckpt_args.get("template") if ckpt_args.get("template") else None)
     if template:

@@ -14,9 +14,9 @@ import sys
 
 from tunesmith.args import DemoArgs, SftArgs
 from tunesmith.generate import Generator, SamplingConfig
-from tunesmith.model.load import load_model
+from tunesmith.model.load import load_model, pick_device
 from tunesmith.model.lora import set_active_adapter
-from tunesmith.train.loop import pick_device, run_sft
+from tunesmith.train.loop import run_sft
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["Who are you?", "你是谁？"]

@@ -33,7 +33,7 @@ from tunesmith.export.gguf import MERGED_KEY, write_gguf, write_modelfile
 from tunesmith.export.hf import DTYPE_NAMES, save_hf_folder
 from tunesmith.export.vllm_check import vllm_report
 from tunesmith.model.gguf_file import GGUFFile
-from tunesmith.model.load import DTYPES, LoadedModel, load_model, parse_dtype, resolve_model_path
+from tunesmith.model.load import DTYPES, LoadedModel, load_model, parse_dtype, pick_device, resolve_model_path
 from tunesmith.model.lora import read_adapter_config
 from tunesmith.text.tokenizer import read_json
 from tunesmith.train.checkpoint import read_checkpoint_args
@@ -173,8 +173,9 @@ def export(args: ExportArgs) -> int:
                         f"with --adapters CKPT --merge_lora true.")
     out = Path(args.output_dir) if args.output_dir else (path.with_name(path.stem + "-hf") if is_gguf else path)
     marker = {"base_model": str(path.resolve()), "merged_adapters": merged_history(path)}
+    device = pick_device(args.device)
     with _claimed(out, marker) if is_gguf else nullcontext():
-        lm = load_model(path, _out_dtype(args, path), args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        lm = load_model(path, _out_dtype(args, path), device)
         if args.template:
             override_template(lm, args.template)
         _write(lm, out, args, args.system, marker, hf=is_gguf)

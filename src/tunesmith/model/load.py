@@ -102,6 +102,27 @@ def resolve_model_path(name: str | Path) -> Path:
     return p
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device, or the GPU when there is one; a device this machine cannot use is one sentence here, not torch's
+    assertion when the first tensor lands on it."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ''}); leave --device out or "
+                            f"pass cpu.")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}).")
+    return device
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name

@@ -25,7 +25,7 @@ import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imp
 from tunesmith.args import SftArgs, to_dict
 from tunesmith.data.packing import Sample, encode_dataset, pack_samples
 from tunesmith.errors import UserError
-from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model
+from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, pick_device
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
 from tunesmith.train import checkpoint as ckpt_io
 from tunesmith.train import distributed
@@ -33,12 +33,6 @@ from tunesmith.train.distributed import DataParallel, SilentLog
 from tunesmith.train.logs import RunLog
 from tunesmith.train.loss import chunked_cross_entropy_sum
 from tunesmith.train.optim import AdamW
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
