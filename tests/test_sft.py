@@ -781,3 +781,19 @@ def test_an_output_path_the_system_refuses_is_one_sentence(tmp_path, capsys, mon
         assert err.startswith("error: cannot use a_file/out (Not a directory); pick another path") and \
             err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "good.json"]
+
+
+def test_resume_from_something_not_a_checkpoint_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """The model named does not exist: the resume refusal must come first (before: after the model had loaded)."""
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "good.json", TUTORIAL_ROWS)
+    (tmp_path / "output" / "v0-20250101-000000").mkdir(parents=True)  # a run folder, not one of its checkpoints
+    for given, said in (("output/v0-20250101-000000", "output/v0-20250101-000000: no trainer_state.pt; "
+                                                      "--resume_from_checkpoint needs a checkpoint written by "
+                                                      "tunesmith sft."),
+                        ("output/missing", "--resume_from_checkpoint output/missing: no such checkpoint folder.")):
+        assert main(["sft", "--model", "./no-such-model", "--dataset", "good.json",
+                     "--resume_from_checkpoint", given]) == 1
+        assert capsys.readouterr().err == f"error: {said}\n"

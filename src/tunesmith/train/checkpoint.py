@@ -89,8 +89,14 @@ def save_trainer_state(path: Path, state: dict) -> None:
     torch.save(state, path / STATE_FILE)
 
 
-def load_trainer_state(ckpt: Path) -> dict:
-    p = Path(ckpt) / STATE_FILE
-    if not p.is_file():
+def check_resumable(ckpt: Path) -> None:
+    """Before anything loads: --resume_from_checkpoint names a checkpoint tunesmith sft wrote."""
+    if not Path(ckpt).is_dir():
+        raise UserError(f"--resume_from_checkpoint {ckpt}: no such checkpoint folder.")
+    if not (Path(ckpt) / STATE_FILE).is_file():
         raise UserError(f"{ckpt}: no {STATE_FILE}; --resume_from_checkpoint needs a checkpoint written by tunesmith sft.")
-    return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    check_resumable(ckpt)
+    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)

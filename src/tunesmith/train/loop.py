@@ -433,8 +433,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     seed_everything(args.seed)
     device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if resume is not None and not resume.is_dir():
-        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+    if resume is not None:
+        ckpt_io.check_resumable(resume)  # before the data and the model load
     train_convs, val_convs, distill = load_training_data(args)
     phases.mark("data")
     if not args.model:
