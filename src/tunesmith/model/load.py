@@ -112,7 +112,7 @@ def pick_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise UserError(f"--device '{name}' is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = torch.cuda.device_count()  # 0 on a CPU-only build or without a driver
         if count == 0:
             raise UserError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}"
                             f"{', a CPU-only build' if torch.version.cuda is None else ''}); leave --device out or "

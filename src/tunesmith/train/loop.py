@@ -440,8 +440,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
-        # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: while its imports hold the GIL,
-        # each 0.2 ms float32 product waits out a 5 ms switch interval and measures as slow as bf16's (CI, session 18).
+        # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: beside its importing thread the
+        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on 2 cores, as slow as bf16's (CI of session 18).
         dtype, note = cpu_compute_dtype(args.torch_dtype, device)
         if note and not quiet:
             print(note, file=sys.stderr)
