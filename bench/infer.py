@@ -218,6 +218,7 @@ def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
 
 STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes, LoRA)
     "kernels": (True, None, None),  # what tunesmith runs: gemv.ROLES as shipped
+    "kernels without PDL": (True, None, None),  # as "kernels", launched one after another (decode_attention.PDL)
     "rope by inductor": (True, None, None),  # as "kernels", with ops/rope_write.py off
     "inductor products": (True, set(), None),
     "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}, None),
@@ -229,9 +230,10 @@ STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the produc
 }
 
 
-def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: list[str]) -> None:
+def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: list[str],
+                filled: list[int]) -> None:
     """The decode step alone, as its CUDA graph replays: ms per step and where its GPU time goes, at batch 1
-    (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape), 300 slots filled;
+    (Generator's 4,096-slot cache) and at `streams` rows of 2,048 slots (the server part's shape), `filled` slots;
     each variant (STEP_VARIANTS: which kernels the step uses) a fresh compile, same inputs, logits compared."""
     from kernels import profile
 
@@ -249,6 +251,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     for variant in variants:
         decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
         rope_write.ENABLED = variant != "rope by inductor"
+        decode_attention.PDL = variant != "kernels without PDL"
         gemv.ROLES = shipped if roles is None else roles
         if lora and not lora_modules(lm.model):
             for name in ("a0", "a1"):
@@ -261,21 +264,21 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
         torch._dynamo.reset()
         g = Generator(lm)
         cudagraph_thread_setup()
-        for rows, slots in ((n, g.static_len if n == 1 else 2048) for n in row_counts):
+        for rows, slots, fill in ((n, g.static_len if n == 1 else 2048, f) for n in row_counts for f in filled):
             if lora == "rows":
                 mixed = RowAdapters(lm.model, rows, DEVICE, torch.bfloat16)
                 mixed.assign([f"a{b % 2}" for b in range(rows)])
                 set_active_adapter(lm.model, mixed)
             cache = g.static_cache(rows, slots)
             tok = torch.ones(rows, 1, dtype=torch.long, device=DEVICE)
-            pos = torch.full((rows, 1), 300, device=DEVICE)
-            label = f"decode step, {rows} row(s) x {slots} slots, {variant}"
+            pos = torch.full((rows, 1), min(fill, slots - 2), device=DEVICE)
+            label = f"decode step, {rows} row(s) x {slots} slots, {fill} filled, {variant}"
             picks = greedy_inputs(g, rows)
             with torch.inference_mode():
                 step = lambda: g._compiled_step(tok, pos, cache, *picks)[0]  # noqa: E731
                 compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
                 ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
-                logits[(variant, rows)] = step().float().clone()
+                logits[(variant, rows, fill)] = step().float().clone()
                 emit({"part": "steps", "case": label, "graph_step_ms": round(ms, 3), "compile_s": round(compile_s, 1),
                       "weights_read_tb_per_s": round(read / 1e9 / ms, 2)})
                 if DEVICE == "cuda":
@@ -283,14 +286,15 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             del cache
             free()
         del g
-    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED = True, shipped, True
+    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED, decode_attention.PDL = True, shipped, True, True
     set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
         if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:
             continue  # an adapter changes the logits
-        for rows in row_counts:
-            a, b = logits[(variants[0], rows)], logits[(variant, rows)]
+        for rows, fill in ((n, f) for n in row_counts for f in filled):
+            a, b = logits[(variants[0], rows, fill)], logits[(variant, rows, fill)]
             emit({"part": "steps", "check": f"{variants[0]} vs {variant}, last step's logits", "rows": rows,
+                  "filled": fill,
                   "max_abs_diff": round((a - b).abs().max().item(), 4), "logit_scale": round(b.abs().max().item(), 2),
                   "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "of": rows})
 
@@ -362,7 +366,7 @@ def bench_attention() -> None:
 
     H, n_kv, hd, layers = 28, 4, 128, 28
     assert da.load_kernels(), "triton is not installed"
-    for rows, slots, filled in ((1, 4096, 300), (1, 4096, 4000), (16, 2048, 300), (16, 2048, 2000),
+    for rows, slots, filled in ((1, 4096, 300), (1, 4096, 1300), (1, 4096, 4000), (16, 2048, 300), (16, 2048, 2000),
                                 (16, 8192, 320)):
         ks = [torch.randn(rows, n_kv, slots, hd, device=DEVICE, dtype=torch.bfloat16) for _ in range(layers)]
         vs = [torch.randn_like(k) for k in ks]
@@ -395,8 +399,9 @@ def bench_gemv() -> None:
     import torch._inductor.config as inductor
     import torch.nn.functional as F
 
-    from tunesmith.ops import gemv_kernels
+    from tunesmith.ops import decode_attention, gemv, gemv_kernels
 
+    decode_attention.load_kernels()
     inductor.coordinate_descent_tuning = True
     shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
               "lm_head": (152064, 3584)}
@@ -413,6 +418,9 @@ def bench_gemv() -> None:
         impls = {"cublas": lambda w: F.linear(x, w), "inductor": lambda w: compiled(x, w)}
         for cfg in configs:
             impls["triton bn%d bk%d w%d s%d" % cfg] = lambda w, c=cfg: gemv_kernels.launch(x, w, None, *c)
+        # what ops/gemv.py ships, launched with programmatic dependent launch: in the graph below the products are
+        # back to back, each streaming its first tile in while the one before finishes
+        impls["shipped tiles, PDL"] = lambda w: gemv_kernels.launch(x, w, None, *gemv.tiles(N, K), pdl=True)
         results = []
         for impl, fn in impls.items():
             try:
@@ -429,7 +437,8 @@ def bench_gemv() -> None:
                 continue
             results.append((t, impl, err))
         results.sort()
-        for t, impl, err in results[:6] + [r for r in results[6:] if r[1] in ("cublas", "inductor")]:
+        keep = ("cublas", "inductor", "shipped tiles, PDL", "triton bn%d bk%d w%d s%d" % gemv.tiles(N, K))
+        for t, impl, err in results[:6] + [r for r in results[6:] if r[1] in keep]:
             emit({"part": "gemv", "shape": name, "N": N, "K": K, "impl": impl, "us": round(t * 1e6, 1),
                   "tb_per_s": round(N * K * 2 / t / 1e12, 2), "max_abs_diff": round(err, 4)})
         best_ms[name] = {impl: t * 1e3 for t, impl, _ in results}
@@ -441,6 +450,9 @@ def bench_gemv() -> None:
     emit({"part": "gemv", "per_token_ms": "best triton per shape",
           "ms": round(sum(min(v for k, v in best_ms[s].items() if k.startswith("triton")) * per_token[s]
                           for s in shapes), 3)})
+    for impl, pick in (("shipped tiles", lambda s: "triton bn%d bk%d w%d s%d" % gemv.tiles(*shapes[s])),
+                       ("shipped tiles, PDL", lambda s: "shipped tiles, PDL")):
+        emit({"part": "gemv", "per_token_ms": impl, "ms": round(sum(best_ms[s][pick(s)] * per_token[s] for s in shapes), 3)})
 
 
 def client_wave(url: str, prompts: list[list[int]]) -> tuple[float, list[tuple[int, float]]]:
@@ -563,6 +575,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--step-rows", type=int, nargs="+", default=None, help="steps part: rows (default 1 and --streams)")
+    ap.add_argument("--step-filled", type=int, nargs="+", default=[300], help="steps part: cache slots filled")
     ap.add_argument("--variants", nargs="+", default=["kernels", "masked reference"], choices=list(STEP_VARIANTS),
                     help="steps part: which kernels the compiled step uses (one variant: a longer profile)")
     ap.add_argument("--no-hf", action="store_true", help="tunesmith only (the HF baselines were measured before)")
@@ -578,7 +591,8 @@ def main() -> None:
         t0 = time.time()
         {"load": lambda: bench_load(a.model_dir), "decode": lambda: bench_decode(a.model_dir, a.runs, a.no_hf),
          "server": lambda: bench_server(a.model_dir, a.streams, a.no_hf),
-         "steps": lambda: bench_steps(a.model_dir, a.streams, a.step_rows or [1, a.streams], a.variants), "attention": bench_attention,
+         "steps": lambda: bench_steps(a.model_dir, a.streams, a.step_rows or [1, a.streams], a.variants,
+                                             a.step_filled), "attention": bench_attention,
          "gemv": bench_gemv,
          "slots": lambda: bench_slots(a.model_dir, a.streams)}[part]()
         emit({"event": "part_done", "part": part, "seconds": round(time.time() - t0, 1)})

@@ -73,8 +73,10 @@ class Generator:
             slot_attention.load_kernels()  # the decode step attends through them (imported here, not while tracing)
             gemv.load_kernels()  # and takes its one-row products through this one
             rope_write.load_kernels()  # and rotates q/k and writes the cache through this one
-            self._compiled_step = torch.compile(self._compiled_step, mode="reduce-overhead", fullgraph=True,
-                                                dynamic=False)  # one CUDA graph per batch shape
+            options = {"triton.cudagraphs": True}  # mode="reduce-overhead": one CUDA graph per batch shape
+            if slot_attention.pdl() and hasattr(inductor.triton, "enable_pdl"):
+                options["triton.enable_pdl"] = True  # inductor's kernels launch as ours do (ops/decode_attention.PDL)
+            self._compiled_step = torch.compile(self._compiled_step, options=options, fullgraph=True, dynamic=False)
 
     @property
     def context_length(self) -> int:

@@ -37,19 +37,38 @@ ENABLED = True  # False: decode steps compiled from now on attend through the ma
 # Triton's interpreter multiplies bf16 tiles wrongly (numpy has no bf16): there the tiles are widened first.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Programmatic dependent launch (Hopper and later GPUs): the decode step's Triton kernels (this one's, ops/gemv.py's,
+# ops/rope_write.py's) and inductor's are launched so that each may start while the kernel before it finishes; each
+# waits (griddepcontrol.wait) before it reads what that kernel wrote, and the one-row products stream their first
+# weight tile in before that wait.
+PDL = True  # False: decode steps compiled from now on launch their kernels one after another (benchmarks)
+_pdl_capable = False  # this machine's GPU can (load_kernels finds out)
+
 _kernels = None  # the kernels' module once load_kernels() imported it
+
+
+def pdl() -> bool:
+    """Whether decode kernels launch with programmatic dependent launch (after load_kernels, on Hopper or later)."""
+    return PDL and _pdl_capable
+
+
+def launch_options(pdl: bool) -> dict:
+    """The Triton launch options of a kernel launched with (or without) programmatic dependent launch."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def load_kernels() -> bool:
     """Import the kernels (call it outside compiled code: Generator does when it compiles on CUDA); False without
     triton."""
-    global _kernels
+    global _kernels, _pdl_capable
     if _kernels is None:
         try:
             from tunesmith.ops import decode_attention_kernels
         except ImportError:  # CPU installs without triton use the reference
             return False
         _kernels = decode_attention_kernels
+        _pdl_capable = (not INTERPRETING and torch.cuda.is_available()
+                        and torch.cuda.get_device_capability()[0] >= 9)
     return True
 
 
@@ -76,7 +95,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SlotRange, b
         splits = min(16, 1 << (-(-256 // (B * n_kv)) - 1).bit_length(), -(-L // block_n))  # a power of 2
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     lo = span.hi if span.lo is None else span.lo  # not read when the kernels work it out
-    return _kernels.attend(q, k, v, lo, span.hi, block_n, max(1, splits), span.lo is None)
+    return _kernels.attend(q, k, v, lo, span.hi, block_n, max(1, splits), span.lo is None, pdl())
 
 
 if INTERPRETING:  # tests: every decode step attends through the kernels

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunesmith.ops.decode_attention import INTERPRETING, LOG2E
+from tunesmith.ops.decode_attention import INTERPRETING, LOG2E, launch_options
 
 
 @triton.jit
@@ -25,7 +25,11 @@ def _split_span(LO, HI, b, L, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LO_FR
 @triton.jit
 def _partials(Q, K, V, LO, HI, O, M, S, sqb, sqh, skb, skh, skn, svb, svh, svn, L, SCALE: tl.constexpr,
               N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
-              BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr, LO_FROM_HI: tl.constexpr):
+              BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr, LO_FROM_HI: tl.constexpr,
+              PDL: tl.constexpr):
+    if PDL:  # q and the cache's new slot are the kernels' before this one
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // N_KV
@@ -68,7 +72,11 @@ def _partials(Q, K, V, LO, HI, O, M, S, sqb, sqh, skb, skh, skn, svb, svh, svn, 
 
 @triton.jit
 def _combine(O, M, S, LO, HI, OUT, sob, soh, L, N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-             HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LO_FROM_HI: tl.constexpr):
+             HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LO_FROM_HI: tl.constexpr,
+             PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     b = bh // N_KV
     kv = bh % N_KV
@@ -93,9 +101,10 @@ def _combine(O, M, S, LO, HI, OUT, sob, soh, L, N_KV: tl.constexpr, G: tl.conste
     tl.store(OUT + b * sob + (kv * G + g)[:, None] * soh + d[None, :], out.to(OUT.dtype.element_ty),
              mask=(g < G)[:, None])
 
-@torch.library.triton_op("tunesmith::decode_attention", mutates_args=())
+# A custom op, not a triton_op: see ops/gemv_kernels.py's.
+@torch.library.custom_op("tunesmith::decode_attention", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            block_n: int, splits: int, lo_from_hi: bool = False) -> torch.Tensor:
+           block_n: int, splits: int, lo_from_hi: bool = False, pdl: bool = False) -> torch.Tensor:
     B, H, _, hd = q.shape
     n_kv, L = k.shape[1], k.shape[2]
     G = H // n_kv
@@ -104,11 +113,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, 
     m = torch.empty((B * n_kv, splits, G_PAD), device=q.device, dtype=torch.float32)
     s = torch.empty_like(m)
     out = torch.empty((B, H, 1, hd), device=q.device, dtype=q.dtype)
-    torch.library.wrap_triton(_partials)[(B * n_kv, splits)](
+    _partials[(B * n_kv, splits)](
         q, k, v, lo, hi, o, m, s, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), L, SCALE=hd**-0.5 * LOG2E, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-        BLOCK_N=block_n, SPLITS=splits, DOT_F32=INTERPRETING, LO_FROM_HI=lo_from_hi)
-    torch.library.wrap_triton(_combine)[(B * n_kv,)](
+        BLOCK_N=block_n, SPLITS=splits, DOT_F32=INTERPRETING, LO_FROM_HI=lo_from_hi, PDL=pdl,
+        **launch_options(pdl))
+    _combine[(B * n_kv,)](
         o, m, s, lo, hi, out, out.stride(0), out.stride(1), L, N_KV=n_kv, G=G, G_PAD=G_PAD, HD=hd,
-        BLOCK_N=block_n, SPLITS=splits, LO_FROM_HI=lo_from_hi)
+        BLOCK_N=block_n, SPLITS=splits, LO_FROM_HI=lo_from_hi, PDL=pdl, **launch_options(pdl))
     return out
+
+
+@attend.register_fake
+def _(q, k, v, lo, hi, block_n, splits, lo_from_hi=False, pdl=False):
+    return q.new_empty(q.shape)

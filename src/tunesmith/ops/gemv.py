@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.ops.decode_attention import INTERPRETING
+from tunesmith.ops.decode_attention import INTERPRETING, pdl
 
 ENABLED = True  # False: one-row products compiled from now on go through F.linear (benchmarks)
 # The decoder's products that take the kernel (bench/infer.py --parts steps --variants, H200, one row: step
@@ -65,7 +65,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rol
     product: qkv, o, gate_up, down, lm_head) is in ROLES."""
     if not usable(x, weight, role):
         return F.linear(x, weight, bias)
-    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape))
+    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape), pdl())
 
 
 if INTERPRETING:  # tests: one-row products run through the kernel

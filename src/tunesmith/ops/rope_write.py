@@ -12,7 +12,7 @@ to the output, k heads (and the v head beside them) into the cache at the row's 
 
 from __future__ import annotations
 
-from tunesmith.ops.decode_attention import INTERPRETING
+from tunesmith.ops.decode_attention import INTERPRETING, pdl
 
 ENABLED = True  # False: decode steps compiled from now on rotate and write the cache as inductor compiles it
 _kernels = None
@@ -34,7 +34,7 @@ def rope_write(q, k, v, cos, sin, k_cache, v_cache, pos):
     """q (B, 1, H, hd), k/v (B, 1, n_kv, hd) (views of the fused q/k/v product; last dim contiguous), cos/sin
     (B, 1, hd), caches (B, n_kv, L, hd), pos (B, 1) -> rotated q as (B, H, 1, hd); rotated k and v are written to
     cache slot pos[b] of each row (the reference: Attention's rotation, then StaticKVCache.update)."""
-    return _kernels.rope_write(q, k, v, cos, sin, k_cache, v_cache, pos)
+    return _kernels.rope_write(q, k, v, cos, sin, k_cache, v_cache, pos, pdl())
 
 
 def available() -> bool:

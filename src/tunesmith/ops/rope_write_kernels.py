@@ -6,10 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from tunesmith.ops.decode_attention import launch_options
+
 
 @triton.jit
 def _rope_write(Q, K, V, COS, SIN, KC, VC, POS, OUT, spb, sqb, sqh, skb, skh, svb, svh, scb, ssb, skcb, skch, skcn,
-                svcb, svch, svcn, sob, soh, H: tl.constexpr, HD: tl.constexpr):
+                svcb, svch, svcn, sob, soh, H: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # q/k/v are the product's before this kernel
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)  # 0..H-1: a query head; H..H+n_kv-1: a key head and its value head
     d = tl.arange(0, HD)
@@ -31,17 +36,24 @@ def _rope_write(Q, K, V, COS, SIN, KC, VC, POS, OUT, spb, sqb, sqh, skb, skh, sv
         tl.store(VC + b * svcb + kh * svch + p * svcn + d, tl.load(V + b * svb + kh * svh + d))
 
 
-@torch.library.triton_op("tunesmith::rope_write", mutates_args={"k_cache", "v_cache"})
+# A custom op, not a triton_op: see ops/gemv_kernels.py's.
+@torch.library.custom_op("tunesmith::rope_write", mutates_args={"k_cache", "v_cache"})
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     B, _, H, hd = q.shape
     n_kv = k.shape[2]
     out = torch.empty((B, H, 1, hd), device=q.device, dtype=q.dtype)
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1
-    torch.library.wrap_triton(_rope_write)[(B, H + n_kv)](
+    _rope_write[(B, H + n_kv)](
         q, k, v, cos, sin, k_cache, v_cache, pos, out, pos.stride(0), q.stride(0), q.stride(2), k.stride(0), k.stride(2),
         v.stride(0), v.stride(2), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        H=H, HD=hd)
+        H=H, HD=hd, PDL=pdl, **launch_options(pdl))
     return out
+
+
+@rope_write.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, pdl=False):
+    B, _, H, hd = q.shape
+    return q.new_empty((B, H, 1, hd))
