@@ -226,6 +226,7 @@ STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the produc
     # random r=8 all-linear adapters, unmerged: one active for every row, or two with rows alternating between
     # them through lora.RowAdapters (what a server with several adapters runs)
     "one LoRA adapter": (True, None, "one"),
+    "one LoRA adapter, module by module": (True, None, "one"),  # as above, decoder.FUSE_LORA off
     "two LoRA adapters by row": (True, None, "rows"),
 }
 
@@ -240,6 +241,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     from tunesmith.generate import Generator, cudagraph_thread_setup
     from tunesmith.model.load import load_model
     from tunesmith.model.lora import LoraConfig, RowAdapters, apply_lora, lora_modules, set_active_adapter
+    from tunesmith.model import decoder
     from tunesmith.ops import decode_attention, gemv, rope_write
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
@@ -252,6 +254,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
         decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
         rope_write.ENABLED = variant != "rope by inductor"
         decode_attention.PDL = variant != "kernels without PDL"
+        decoder.FUSE_LORA = variant != "one LoRA adapter, module by module"
         gemv.ROLES = shipped if roles is None else roles
         if lora and not lora_modules(lm.model):
             for name in ("a0", "a1"):
@@ -287,6 +290,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             free()
         del g
     decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED, decode_attention.PDL = True, shipped, True, True
+    decoder.FUSE_LORA = True
     set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
         if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:

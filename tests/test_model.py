@@ -195,7 +195,7 @@ def test_fused_projections_equal_separate_ones(tiny, tmp_path):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B["default"].weight.normal_(0, 0.05)
-        with_lora = logits()  # the adapter is active: each module runs its own LoRA product
+        with_lora = logits()  # the adapter is active: it runs beside the fused matrices (fused_product)
         assert (with_lora - separate).abs().max() > 1e-3
         merge_lora(model)  # in place into the views: the fused matrices carry the merge
         torch.testing.assert_close(logits(), with_lora, atol=1e-4, rtol=1e-4)
@@ -213,6 +213,59 @@ def test_fused_projections_equal_separate_ones(tiny, tmp_path):
     assert attn.qkv[0].dtype == torch.float64
     with torch.no_grad():
         torch.testing.assert_close(logits().float(), with_lora, atol=1e-4, rtol=1e-4)
+
+
+class CountLinear(torch.overrides.TorchFunctionMode):
+    """Counts F.linear calls (matrix products) made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.linear
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_lora_equals_module_by_module(tiny):
+    """A LoRA run's q/k/v and gate/up through their fused matrices with the adapter stacked beside them
+    (decoder.fused_product): the loss and every LoRA gradient of the module-by-module pass, in 12 products a
+    layer instead of 21; with dropout the modules run one by one (each its own mask)."""
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+
+    _, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    model.requires_grad_(False)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+    ids = _ids(2, 13, seed=6)
+
+    def loss_and_grads():
+        count = CountLinear()
+        with count:
+            loss = model.logits(model(ids)).logsumexp(-1).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, count.calls
+
+    layers = model.config.num_layers
+    model.unfuse_projections()
+    want, want_grads, separate_calls = loss_and_grads()
+    model.fuse_projections()
+    got, got_grads, fused_calls = loss_and_grads()
+    assert separate_calls == 21 * layers + 1 and fused_calls == 12 * layers + 1  # + lm_head
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 14 * layers
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+    for _, m in lora_modules(model):
+        m.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    assert loss_and_grads()[2] == 21 * layers + 1
 
 
 def test_row_adapters_equal_each_row_with_its_own_adapter(tiny):

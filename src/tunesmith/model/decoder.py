@@ -281,9 +281,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, cache_pos=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        if fused_ready(self.qkv, self.q_proj, self.k_proj, self.v_proj):
+        qkv = fused_product(self.qkv, (self.q_proj, self.k_proj, self.v_proj), x, "qkv")
+        if qkv is not None:
             nq, nkv = self.cfg.num_heads * hd, self.cfg.num_kv_heads * hd
-            q, k, v = gemv.linear(x, *self.qkv, role="qkv").split([nq, nkv, nkv], -1)
+            q, k, v = qkv.split([nq, nkv, nkv], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, -1, hd)  # (B, T, n_heads, hd)
@@ -320,8 +321,9 @@ class MLP(nn.Module):
         self.gate_up: tuple[torch.Tensor, None] | None = None  # fused weight: fuse_projections
 
     def forward(self, x):
-        if fused_ready(self.gate_up, self.gate_proj, self.up_proj):
-            gate, up = gemv.linear(x, *self.gate_up, role="gate_up").chunk(2, -1)
+        gate_up = fused_product(self.gate_up, (self.gate_proj, self.up_proj), x, "gate_up")
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return project(self.down_proj, F.silu(gate) * up, "down")
@@ -375,11 +377,38 @@ def fused_current(fused, mods: list[nn.Module]) -> bool:
     return True
 
 
-def fused_ready(fused, *mods: nn.Module) -> bool:
-    """Whether a fused projection may stand in for `mods`: it exists, no LoRA adapter is active on them (LoRA adds
-    its own product per module), and no gradient is wanted (the modules' own parameters must receive those)."""
-    return (fused is not None and not torch.is_grad_enabled()
-            and all(getattr(m, "active", None) is None for m in mods))
+FUSE_LORA = True  # False: an active adapter always runs module by module (benchmarks: bench/infer.py --parts steps)
+
+
+def fused_product(fused, mods: tuple[nn.Module, ...], x: torch.Tensor, role: str) -> torch.Tensor | None:
+    """The outputs of `mods` side by side, through their fused matrix (fuse_linears), or None where it cannot stand
+    in for them. Without an active adapter it can when no gradient is wanted (the modules' own parameters must
+    receive those). With one LoRA adapter active on all of them, no dropout and frozen base weights (a LoRA run,
+    or generation with an unmerged adapter), their adapters go together as well: A matrices stacked, B matrices
+    block-diagonal, so
+
+      y = x W_cat^T + s * (x A_cat^T) B_diag^T
+
+    is three products where the modules take three each (nine for q/k/v), and x is read once by each; the
+    gradients reaching each A and B are the same (through the stacking). Other cases (dropout, adapters mixed by
+    row, scalings that differ) run module by module."""
+    if fused is None:
+        return None
+    active = {getattr(m, "active", None) for m in mods}
+    if active == {None}:
+        return None if torch.is_grad_enabled() else gemv.linear(x, *fused, role)
+    name = active.pop()
+    if active or not isinstance(name, str) or not FUSE_LORA:
+        return None
+    scales = {m.scaling[name] for m in mods}
+    if len(scales) > 1 or any(not isinstance(m.lora_dropout[name], nn.Identity) for m in mods):
+        return None
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad
+                                       for m in mods for p in (m.base_layer.weight, m.base_layer.bias)):
+        return None  # the bases' own parameters want gradients (an adapter over full fine-tuning)
+    A = torch.cat([m.lora_A[name].weight for m in mods]).to(x.dtype)  # as LoRALinear: products in x's dtype
+    B = torch.block_diag(*[m.lora_B[name].weight for m in mods]).to(x.dtype)
+    return gemv.linear(x, *fused, role) + F.linear(F.linear(x, A), B) * scales.pop()
 
 
 class DecoderLayer(nn.Module):
