@@ -12,6 +12,7 @@ all-linear, dropout 0, bf16, AdamW; 8,192 tokens per step. A case names its toke
   ckpt       torch's activation checkpointing of whole layers
   budgetX    AOTAutograd activation memory budget X (budget0: the trainer's lean mode with compiled layers)
   park       the embedding table in CPU memory (the trainer's lean mode)
+  inplacece  compiled cases' lm_head/CE steps in place, uncompiled (else loss.logit_grad compiled, as the trainer)
   fused      q/k/v and gate/up through their fused matrices with the adapter stacked beside them
              (decoder.fused_product; the trainer runs them module by module: session 20, 4x2048+compile, 16,700
              tok/s fused vs 16,726 module by module, 1.7 GiB more)
@@ -118,6 +119,7 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
         if case.startswith("short"):  # the tutorial's seed step: 8 short samples packed into one row
             B, T = 1, 8 * 110
         ckpt = "+ckpt" in case
+        fused_ce = "+compile" in case and "+inplacece" not in case
         if "+compile" in case:
             # A fresh compile per case: a second shape would otherwise recompile with dynamic shapes.
             # "+budgetX": AOTAutograd's activation memory budget (X = 0: recompute what it can in backward).
@@ -157,7 +159,7 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             for p in parts:
                 h = model(ids[p], position_ids=None if pos is None else pos[p],
                           seq_ids=None if seq is None else seq[p], checkpoint=ckpt)
-                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p]) / n).backward()
+                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p], fused=fused_ce) / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -173,7 +175,7 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
 def baseline_case(case: str) -> str:
     """The HF+PEFT case a tunesmith case is compared with: the same tokens per step, HF's way of running them
     (one batch; the lean mode against HF's gradient checkpointing)."""
-    base = case.replace("seq", "").replace("+compile", "").replace("+park", "").replace("+fused", "")
+    base = case.replace("seq", "").replace("+compile", "").replace("+park", "").replace("+fused", "").replace("+inplacece", "")
     return "+".join("ckpt" if t.startswith("budget") else t for t in base.split("+"))
 
 
@@ -321,7 +323,7 @@ def bench_check(cfg_dict: dict, layers: int = 2) -> None:
         with torch._functorch.config.patch(activation_memory_budget=budget):
             h = model(ids, position_ids=pos, seq_ids=seq)
         if fast:
-            loss = chunked_cross_entropy_sum(h, model.lm_head_weight, labels)
+            loss = chunked_cross_entropy_sum(h, model.lm_head_weight, labels, fused=True)
         else:
             loss = F.cross_entropy(model.logits(h).float().flatten(0, 1), labels.flatten(), reduction="sum",
                                    ignore_index=IGNORE)

@@ -348,8 +348,9 @@ def test_packed_and_unpacked_rows_give_same_loss_and_lora_grads(qwen_tiny_dir):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_chunked_loss_gives_cross_entropy_and_its_gradients(dtype, tol):
-    """train/loss.py makes the lm_head/CE gradients in the forward pass, chunk by chunk; they must be autograd's
-    over full logits: loss, d/dhidden and d/dlm_head (full fine-tuning trains it), ignored labels skipped."""
+    """train/loss.py makes the lm_head/CE gradients in the forward pass, chunk by chunk, in place or through
+    logit_grad; both must be autograd's over full logits: loss, d/dhidden and d/dlm_head (full fine-tuning trains
+    it), ignored labels skipped."""
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(2, 37, 24, generator=g)
     w0 = torch.randn(301, 24, generator=g) * 0.3
@@ -366,9 +367,12 @@ def test_chunked_loss_gives_cross_entropy_and_its_gradients(dtype, tol):
     ours = run(lambda h, w: chunked_cross_entropy_sum(h, w, y, chunk=16))  # 3 full chunks and a partial one
     ref = run(lambda h, w: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten(), reduction="sum",
                                            ignore_index=IGNORE))
-    for a, b, what in zip(ours, ref, ("loss", "d hidden", "d lm_head")):
-        err = ((a - b).abs().max() / b.abs().max()).item()
-        assert err < tol, f"{what}: relative error {err:.2e} (tolerance {tol})"
+    # the compiled runs' per-chunk step (loss.logit_grad; compiled on CUDA, as it is here)
+    fused = run(lambda h, w: chunked_cross_entropy_sum(h, w, y, chunk=16, fused=True))
+    for got, path in ((ours, "in place"), (fused, "logit_grad")):
+        for a, b, what in zip(got, ref, ("loss", "d hidden", "d lm_head")):
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            assert err < tol, f"{path}, {what}: relative error {err:.2e} (tolerance {tol})"
     assert ours[1][0, :8].abs().max() == 0  # positions before the first supervised label get no gradient
     with torch.no_grad():  # evaluation: the same loss, no gradient work
         assert torch.allclose(chunked_cross_entropy_sum(h0.to(dtype), w0.to(dtype), y, chunk=16).float(),

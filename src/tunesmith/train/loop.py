@@ -169,7 +169,8 @@ class Trainer:
             with self.recompute_scope():
                 h = self.parallel_model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
                                         checkpoint=self.checkpointing and not self.compiled)
-            s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels)
+            s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels,
+                                          fused=self.compiled and self.device.type == "cuda")
             total = s if total is None else total + s
         return total, n_tokens
 
