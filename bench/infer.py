@@ -16,8 +16,9 @@ values). Parts:
           the same 16 prompts.
   steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, for each
           of --variants: tunesmith's kernels (slot attention, ops/gemv.py's one-row products), inductor's
-          products, every product through ops/gemv.py, the masked attention reference, one unmerged LoRA
-          adapter, two adapters mixed by row (lora.RowAdapters).
+          products, every product through ops/gemv.py, the masked attention reference, the kernels without
+          programmatic dependent launch, one unmerged LoRA adapter (fused with q/k/v and gate/up, or module by
+          module), two adapters mixed by row (lora.RowAdapters); --step-filled sets the cache slots filled.
   slots   the server's decode loop without the server: DecodeSlots of 16 rows x 2,048 slots driven from one thread
           (16 64-token prompts, 256 tokens each): aggregate tok/s, host time per step, and a cProfile of the loop.
   gemv    batch-1 matrix-vector products of every Qwen2.5-7B shape (each weight read from HBM, not L2): cuBLAS,

@@ -200,7 +200,8 @@ def bench_full(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
         def step():
             for p in parts:
                 h = model(ids[p], checkpoint=ckpt)
-                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p]) / labels.numel()).backward()
+                (chunked_cross_entropy_sum(h, model.lm_head_weight, labels[p], fused="+compile" in case)
+                 / labels.numel()).backward()  # the CE step as the trainer's compiled runs make it
             opt.step()
             opt.zero_grad(set_to_none=True)
 
