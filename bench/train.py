@@ -36,7 +36,7 @@ import time
 
 import torch
 import torch._functorch.config  # noqa: F401
-from kernels import profile
+from kernels import gemm_shapes, profile
 
 QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
@@ -63,11 +63,14 @@ def short_samples(n_tokens: int, seed: int = 0) -> list[int]:
 
 
 PROFILE: str | None = None  # --profile CASE: print where that case's step spends GPU time
+RESIDENT = 0.0  # GiB allocated before a case's first step (weights; optimizer state after the first case)
 
 
 def time_steps(step, steps: int, warmup: int = 2, case: str = "") -> tuple[float, float, float]:
     """(median seconds per step, peak GiB, seconds of the first step: compilation shows there)."""
     torch.cuda.reset_peak_memory_stats()
+    global RESIDENT
+    RESIDENT = torch.cuda.memory_allocated() / 2**30
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
@@ -77,6 +80,7 @@ def time_steps(step, steps: int, warmup: int = 2, case: str = "") -> tuple[float
         times.append(time.perf_counter() - t)
     if case == PROFILE:
         profile(step, case)
+        gemm_shapes(step, case)
     return statistics.median(times[warmup:]), torch.cuda.max_memory_allocated() / 2**30, times[0]
 
 
@@ -90,6 +94,7 @@ def measure(impl: str, case: str, step, tokens: int, steps: int, flop_scale: flo
         tps = tokens / sec
         rec = {"impl": impl, "case": case, "tokens_per_s": round(tps),
                "mfu": round(tps * FLOP_PER_TOKEN * flop_scale / PEAK, 3), "peak_gib": round(mem, 2),
+               "resident_gib": round(RESIDENT, 2),
                "step_s": round(sec, 3), "first_step_s": round(first, 1)}
     emit(rec)
     gc.collect()
@@ -111,8 +116,10 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     model.requires_grad_(False)
     apply_lora(model, LoraConfig(8, 32, 0.0))
     emit({"impl": "tunesmith", "event": "init", "seconds": round(time.time() - t0, 1)})
+    from tunesmith.train.optim import AdamW
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = AdamW([{"params": params}], lr=1e-4)  # the trainer's (torch's fused kernel)
     out = []
     for case in cases:
         B, T = (1, 2048) if case.startswith("1x2048") else (4, 2048)
@@ -419,7 +426,15 @@ def main() -> int:
     ap.add_argument("--attention", action="store_true", help="also time attention backends alone")
     ap.add_argument("--check", action="store_true", help="first compare the fast paths with their references")
     ap.add_argument("--profile", metavar="CASE", help="per-kernel GPU time of this case (hf:CASE for the baseline)")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings for this run (A/B of compiler options), e.g. "
+                         "coordinate_descent_tuning=True")
     a = ap.parse_args()
+    import torch._inductor.config as inductor_config
+    for kv in a.inductor:
+        key, _, value = kv.partition("=")
+        setattr(inductor_config, key, eval(value, {}))  # noqa: S307 (a benchmark's own command line)
+        emit({"event": "inductor", key: getattr(inductor_config, key)})
     global PROFILE
     PROFILE = a.profile
     cfg = dict(QWEN25_7B, num_hidden_layers=a.layers)
