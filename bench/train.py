@@ -12,6 +12,8 @@ all-linear, dropout 0, bf16, AdamW; 8,192 tokens per step. A case names its toke
   ckpt       torch's activation checkpointing of whole layers
   budgetX    AOTAutograd activation memory budget X (budget0: the trainer's lean mode with compiled layers)
   park       the embedding table in CPU memory (the trainer's lean mode)
+  unstacked  compiled cases' LoRA A products one per module (else stacked where modules read the same input:
+             decoder.each_output)
   inplacece  compiled cases' lm_head/CE steps in place, uncompiled (else loss.logit_grad compiled, as the trainer)
   fused      q/k/v and gate/up through their fused matrices with the adapter stacked beside them
              (decoder.fused_product; the trainer runs them module by module: session 20, 4x2048+compile, 16,700
@@ -116,6 +118,7 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     model.requires_grad_(False)
     apply_lora(model, LoraConfig(8, 32, 0.0))
     emit({"impl": "tunesmith", "event": "init", "seconds": round(time.time() - t0, 1)})
+    from tunesmith.model import decoder
     from tunesmith.train.optim import AdamW
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,6 +141,7 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             model.fuse_projections()
         else:
             model.unfuse_projections()  # as the trainer runs LoRA
+        decoder.STACK_LORA = "+unstacked" not in case  # read while the first step compiles
         if "+park" in case:  # lean mode's embedding table in CPU memory (Decoder.park_embeddings)
             model.park_embeddings("cpu")
         ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
@@ -348,7 +352,7 @@ def bench_check(cfg_dict: dict, layers: int = 2) -> None:
     compare("reference run twice (bf16 nondeterminism floor)", again, ref)
     model.compile_layers(dynamic=False)
     fast = run(True)
-    compare("compiled + flex + fused lm_head/CE", fast, ref)
+    compare("compiled + flex + fused lm_head/CE + stacked LoRA A products", fast, ref)
     model.fuse_projections()
     fused = run(True)
     compare("same + q/k/v and gate/up fused with their LoRA (decoder.fused_product)", fused, ref)

@@ -268,6 +268,61 @@ def test_fused_lora_equals_module_by_module(tiny):
     assert loss_and_grads()[2] == 21 * layers + 1
 
 
+def test_compiled_training_stacks_the_lora_a_products(tiny):
+    """Compiled LoRA training reads each layer's attention and MLP inputs once for all their adapters' A products
+    (decoder.each_output: q/k/v's and gate/up's A matrices stacked, 18 products a layer instead of 21) and gets the
+    loss and every LoRA gradient of the module-by-module pass; with decoder.STACK_LORA off it runs module by
+    module."""
+    from tunesmith.model import decoder
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+
+    _, _, folders = tiny
+    model = load_model(folders["unsharded"]).model
+    model.requires_grad_(False)
+    apply_lora(model, LoraConfig(r=4, alpha=12, dropout=0.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+    ids = _ids(2, 11, seed=2)
+
+    def loss_and_grads():
+        loss = model.logits(model(ids)).logsumexp(-1).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    want, want_grads = loss_and_grads()
+    graphs = []
+
+    def capture(gm, example_inputs):  # dynamo's graph, run as it is (what inductor would be handed)
+        graphs.append(gm)
+        return gm.forward
+
+    def products() -> int:
+        return sum(n.target is torch.nn.functional.linear for gm in graphs for n in gm.graph.nodes)
+
+    for layer in model.model.layers:
+        layer.compile(backend=capture, fullgraph=True)
+    got, got_grads = loss_and_grads()
+    assert graphs and products() == 18 * len(graphs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 14 * model.config.num_layers
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+    torch._dynamo.reset()
+    graphs.clear()
+    decoder.STACK_LORA = False
+    try:
+        loss_and_grads()
+    finally:
+        decoder.STACK_LORA = True
+        torch._dynamo.reset()
+    assert graphs and products() == 21 * len(graphs)
+
+
 def test_row_adapters_equal_each_row_with_its_own_adapter(tiny):
     """A batch whose rows run different adapters in one pass (lora.RowAdapters: two adapters of different ranks,
     scalings and target modules, and a row with none) gives each row the logits it gets alone with its adapter;

@@ -155,6 +155,18 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
 
 
+def shared_adapter(mods) -> str | None:
+    """The one adapter active on every module of `mods` with one scaling and no dropout, so that their LoRA terms
+    can be computed together (decoder.fused_product, decoder.each_output); else None."""
+    names = {getattr(m, "active", None) for m in mods}
+    name = names.pop()
+    if names or not isinstance(name, str):
+        return None
+    if len({m.scaling[name] for m in mods}) > 1 or any(not isinstance(m.lora_dropout[name], nn.Identity) for m in mods):
+        return None
+    return name
+
+
 def target_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Module names LoRA will wrap. 'all-linear' | suffix names ('q_proj') | one regex (PEFT: fullmatch)."""
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]

@@ -193,7 +193,9 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         t0 = time.time()
-        loss_total, n_tokens = 0.0, 0
+        # the loss adds up on the device (float64, as Python floats would): one wait for the GPU per step, not
+        # one per row (each would leave the GPU idle while the next row's first kernels are launched)
+        loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         # Micro-batches of per_device_train_batch_size samples, packed into rows; each backward is scaled by the
         # step's supervised-token count so the accumulated gradient is that of the mean over the whole step.
         # With N ranks: x N, because DDP/FSDP average gradients over ranks; all ranks run as many passes.
@@ -206,9 +208,9 @@ class Trainer:
                 s, n = self.loss_sum([row])
                 (s * (dp.world if real else 0) / n_sup).backward()
             if real:
-                loss_total += s.item()
+                loss_sum += s.detach()
                 n_tokens += n
-        loss_total, n_tokens = dp.sum(loss_total), dp.sum(n_tokens)
+        loss_total, n_tokens = dp.sum(loss_sum.item()), dp.sum(n_tokens)
         params = trainable_parameters(self.model)
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
