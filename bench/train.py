@@ -106,9 +106,11 @@ def measure(impl: str, case: str, step, tokens: int, steps: int, flop_scale: flo
 
 def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     from tunesmith.data.packing import IGNORE
+    from tunesmith.model import decoder
     from tunesmith.model.decoder import Decoder, ModelConfig
     from tunesmith.model.lora import LoraConfig, apply_lora
     from tunesmith.train.loss import chunked_cross_entropy_sum
+    from tunesmith.train.optim import AdamW
 
     cfg = ModelConfig.from_hf(cfg_dict)
     torch.manual_seed(0)
@@ -118,9 +120,6 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     model.requires_grad_(False)
     apply_lora(model, LoraConfig(8, 32, 0.0))
     emit({"impl": "tunesmith", "event": "init", "seconds": round(time.time() - t0, 1)})
-    from tunesmith.model import decoder
-    from tunesmith.train.optim import AdamW
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW([{"params": params}], lr=1e-4)  # the trainer's (torch's fused kernel)
     out = []

@@ -115,9 +115,9 @@ class Trainer:
         self.compiled = args.torch_compile if args.torch_compile is not None \
             else auto_compile(device, self.total_steps * self.group * mean_length(train))
         if self.compiled:
-            # bench/train.py on the H200, 4x2048: 13.3k tok/s eager, 17.1k compiled (15.4k with rows one by one,
-            # as here). Static shapes: rows are padded to a multiple of PAD_MULTIPLE tokens, each length compiles
-            # once (recompiles allowed for all of them).
+            # bench/train.py on the H200, 4x2048: 13.3k tok/s eager, 17.4k compiled (16.0k with rows one by one,
+            # as here; session 21). Static shapes: rows are padded to a multiple of PAD_MULTIPLE tokens, each
+            # length compiles once (recompiles allowed for all of them).
             self.model.compile_layers(dynamic=False)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        4 * (args.max_length // PAD_MULTIPLE + 1))
@@ -195,7 +195,7 @@ class Trainer:
         t0 = time.time()
         # the loss adds up on the device (float64, as Python floats would): one wait for the GPU per step, not
         # one per row (each would leave the GPU idle while the next row's first kernels are launched)
-        loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        loss_acc, n_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         # Micro-batches of per_device_train_batch_size samples, packed into rows; each backward is scaled by the
         # step's supervised-token count so the accumulated gradient is that of the mean over the whole step.
         # With N ranks: x N, because DDP/FSDP average gradients over ranks; all ranks run as many passes.
@@ -208,9 +208,9 @@ class Trainer:
                 s, n = self.loss_sum([row])
                 (s * (dp.world if real else 0) / n_sup).backward()
             if real:
-                loss_sum += s.detach()
+                loss_acc += s.detach()
                 n_tokens += n
-        loss_total, n_tokens = dp.sum(loss_sum.item()), dp.sum(n_tokens)
+        loss_total, n_tokens = dp.sum(loss_acc.item()), dp.sum(n_tokens)
         params = trainable_parameters(self.model)
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
