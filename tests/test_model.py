@@ -227,30 +227,44 @@ class CountLinear(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _lora_model(folders, alpha: float, seed: int):
+    """The tiny unsharded model, frozen, with an r=4 LoRA adapter whose B matrices are random (not zero)."""
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+
+    model = load_model(folders["unsharded"]).model
+    model.requires_grad_(False)
+    apply_lora(model, LoraConfig(r=4, alpha=alpha, dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+    return model
+
+
+def _loss_and_grads(model, ids):
+    """A logsumexp loss over the logits, and the gradient of every trainable parameter (then cleared)."""
+    loss = model.logits(model(ids)).logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 def test_fused_lora_equals_module_by_module(tiny):
     """A LoRA run's q/k/v and gate/up through their fused matrices with the adapter stacked beside them
     (decoder.fused_product): the loss and every LoRA gradient of the module-by-module pass, in 12 products a
     layer instead of 21; with dropout the modules run one by one (each its own mask)."""
-    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+    from tunesmith.model.lora import lora_modules
 
     _, _, folders = tiny
-    model = load_model(folders["unsharded"]).model
-    model.requires_grad_(False)
-    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+    model = _lora_model(folders, alpha=8, seed=3)
     ids = _ids(2, 13, seed=6)
 
     def loss_and_grads():
         count = CountLinear()
         with count:
-            loss = model.logits(model(ids)).logsumexp(-1).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads, count.calls
+            loss, grads = _loss_and_grads(model, ids)
+        return loss, grads, count.calls
 
     layers = model.config.num_layers
     model.unfuse_projections()
@@ -274,24 +288,13 @@ def test_compiled_training_stacks_the_lora_a_products(tiny):
     loss and every LoRA gradient of the module-by-module pass; with decoder.STACK_LORA off it runs module by
     module."""
     from tunesmith.model import decoder
-    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
 
     _, _, folders = tiny
-    model = load_model(folders["unsharded"]).model
-    model.requires_grad_(False)
-    apply_lora(model, LoraConfig(r=4, alpha=12, dropout=0.0))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+    model = _lora_model(folders, alpha=12, seed=5)
     ids = _ids(2, 11, seed=2)
 
     def loss_and_grads():
-        loss = model.logits(model(ids)).logsumexp(-1).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
+        return _loss_and_grads(model, ids)
 
     want, want_grads = loss_and_grads()
     graphs = []
