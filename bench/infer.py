@@ -146,7 +146,8 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     import transformers
 
-    from tunesmith.generate import Generator, SamplingConfig
+    from tunesmith.decode.generator import Generator
+    from tunesmith.decode.sampling import SamplingConfig
     from tunesmith.model.load import load_model
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
@@ -206,7 +207,7 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
 
 
 def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
-    """The step's inputs for its greedy picks (generate.decode_step) as a plain greedy batch has them: end tokens,
+    """The step's inputs for its greedy picks (StaticDecoder.step) as a plain greedy batch has them: end tokens,
     nothing blocked, no penalty."""
     vocab = g.model.config.vocab_size
     eos = torch.zeros(vocab, dtype=torch.bool, device=DEVICE)
@@ -217,18 +218,19 @@ def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
     return t
 
 
-STEP_VARIANTS = {  # name: (decode attention through the slot kernel, the products ops/gemv.py takes, LoRA)
-    "kernels": (True, None, None),  # what tunesmith runs: gemv.ROLES as shipped
-    "kernels without PDL": (True, None, None),  # as "kernels", launched one after another (decode_attention.PDL)
-    "rope by inductor": (True, None, None),  # as "kernels", with ops/rope_write.py off
-    "inductor products": (True, set(), None),
-    "every product through gemv": (True, {"qkv", "o", "gate_up", "down", "lm_head"}, None),
-    "masked reference": (False, set(), None),
+ALL_ROLES = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
+STEP_VARIANTS = {  # name: (the step's kernels, LoRA)
+    "kernels": ("shipped", None),  # what tunesmith runs: decode/static.Kernels()
+    "kernels without PDL": ({"pdl": False}, None),  # as "kernels", launched one after another
+    "rope by inductor": ({"rope_write": False}, None),  # as "kernels", with ops/rope_write.py off
+    "inductor products": ({"gemv_roles": frozenset()}, None),
+    "every product through gemv": ({"gemv_roles": ALL_ROLES}, None),
+    "masked reference": ({"attention": False, "gemv_roles": frozenset()}, None),
     # random r=8 all-linear adapters, unmerged: one active for every row, or two with rows alternating between
     # them through lora.RowAdapters (what a server with several adapters runs)
-    "one LoRA adapter": (True, None, "one"),
-    "one LoRA adapter, module by module": (True, None, "one"),  # as above, decoder.FUSE_LORA off
-    "two LoRA adapters by row": (True, None, "rows"),
+    "one LoRA adapter": ("shipped", "one"),
+    "one LoRA adapter, module by module": ({"fuse_lora": False}, "one"),
+    "two LoRA adapters by row": ("shipped", "rows"),
 }
 
 
@@ -239,24 +241,20 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
     each variant (STEP_VARIANTS: which kernels the step uses) a fresh compile, same inputs, logits compared."""
     from kernels import profile
 
-    from tunesmith.generate import Generator, cudagraph_thread_setup
+    from tunesmith.decode.generator import Generator
+    from tunesmith.decode.slots import cudagraph_thread_setup
+    from tunesmith.decode.static import Kernels
     from tunesmith.model.load import load_model
     from tunesmith.model.lora import LoraConfig, RowAdapters, apply_lora, lora_modules, set_active_adapter
-    from tunesmith.model import decoder
-    from tunesmith.ops import decode_attention, gemv, rope_write
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
     emb = lm.model.model.embed_tokens.weight
     embed_bytes = 0 if lm.model.config.tie_embeddings else emb.numel() * emb.element_size()  # one row read a step
     read = sum(p.numel() * p.element_size() for p in lm.model.parameters()) - embed_bytes
     logits = {}
-    shipped = set(gemv.ROLES)
     for variant in variants:
-        decode_attention.ENABLED, roles, lora = STEP_VARIANTS[variant]
-        rope_write.ENABLED = variant != "rope by inductor"
-        decode_attention.PDL = variant != "kernels without PDL"
-        decoder.FUSE_LORA = variant != "one LoRA adapter, module by module"
-        gemv.ROLES = shipped if roles is None else roles
+        changes, lora = STEP_VARIANTS[variant]
+        kernels = Kernels() if changes == "shipped" else Kernels(**changes)
         if lora and not lora_modules(lm.model):
             for name in ("a0", "a1"):
                 apply_lora(lm.model, LoraConfig(r=8, alpha=32, dropout=0.0), name,
@@ -266,7 +264,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
                     torch.nn.init.normal_(B.weight, 0.0, 0.01)
         set_active_adapter(lm.model, "a0" if lora else None)
         torch._dynamo.reset()
-        g = Generator(lm)
+        g = Generator(lm, kernels=kernels)
         cudagraph_thread_setup()
         for rows, slots, fill in ((n, g.static_len if n == 1 else 2048, f) for n in row_counts for f in filled):
             if lora == "rows":
@@ -279,7 +277,7 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             label = f"decode step, {rows} row(s) x {slots} slots, {fill} filled, {variant}"
             picks = greedy_inputs(g, rows)
             with torch.inference_mode():
-                step = lambda: g._compiled_step(tok, pos, cache, *picks)[0]  # noqa: E731
+                step = lambda: g.compiled_step(tok, pos, cache, *picks)[0]  # noqa: E731
                 compile_s = sync_time(lambda: [step() for _ in range(3)])[0]  # compiles, records the graph
                 ms = sync_time(lambda: [step() for _ in range(100)])[0] * 10
                 logits[(variant, rows, fill)] = step().float().clone()
@@ -290,11 +288,9 @@ def bench_steps(model_dir: Path, streams: int, row_counts: list[int], variants: 
             del cache
             free()
         del g
-    decode_attention.ENABLED, gemv.ROLES, rope_write.ENABLED, decode_attention.PDL = True, shipped, True, True
-    decoder.FUSE_LORA = True
     set_active_adapter(lm.model, None)
     for variant in variants[1:]:  # the caches hold the same keys (written by the same steps): same logits
-        if STEP_VARIANTS[variant][2] or STEP_VARIANTS[variants[0]][2]:
+        if STEP_VARIANTS[variant][1] or STEP_VARIANTS[variants[0]][1]:
             continue  # an adapter changes the logits
         for rows, fill in ((n, f) for n in row_counts for f in filled):
             a, b = logits[(variants[0], rows, fill)], logits[(variant, rows, fill)]
@@ -325,7 +321,9 @@ def bench_slots(model_dir: Path, streams: int) -> None:
     import cProfile
     import pstats
 
-    from tunesmith.generate import DecodeSlots, Generator, SamplingConfig
+    from tunesmith.decode.generator import Generator
+    from tunesmith.decode.sampling import SamplingConfig
+    from tunesmith.decode.slots import DecodeSlots
     from tunesmith.model.load import load_model
 
     lm = load_model(str(model_dir), "bfloat16", DEVICE)
@@ -366,7 +364,7 @@ def bench_slots(model_dir: Path, streams: int) -> None:
 def bench_attention() -> None:
     """Decode attention alone: 28 layers' caches (Qwen2.5-7B: 28 query heads, 4 KV heads, head_dim 128), one CUDA
     graph of 28 calls, replayed; the rows' filled lengths vary by a few slots around the stated one."""
-    from tunesmith.model.decoder import decode_attention as reference
+    from tunesmith.decode.static import decode_attention as reference
     from tunesmith.ops import decode_attention as da
 
     H, n_kv, hd, layers = 28, 4, 128, 28
@@ -494,8 +492,8 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
     import uvicorn
 
     from tunesmith.args import DeployArgs
-    from tunesmith.infer import load_for_generation
     from tunesmith.serve.app import create_app
+    from tunesmith.session import load_for_generation
 
     # HF first: CUDA-graph trees keep per-thread state, and the server's engine thread must not be the first user
     prompts = [prompt_ids(64, 1000 + i) for i in range(streams)]
@@ -563,7 +561,7 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
     time.sleep(2)
     app.state.backend.engine.stop()
     # The same DecodeSlots (its compiled step) driven from this thread alone, no HTTP: what the engine can do.
-    from tunesmith.generate import SamplingConfig
+    from tunesmith.decode.sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)
     for rep in range(2):

@@ -1,4 +1,4 @@
-"""Does loading the model overlap with the imports the training run makes beside it (train/loop.prewarm)?
+"""Does loading the model overlap with the imports the training run makes beside it (commands/sft.prewarm)?
 
     PYTHONPATH=src python bench/load_overlap.py --model-dir DIR [--device cuda]
 
@@ -32,7 +32,7 @@ def one(mode: str, model_dir: str, device: str) -> dict:
         start = threading.Thread(target=lambda: torch.zeros(1, device=device))
         start.start()
         if "imports" in mode:
-            from tunesmith.train.loop import prewarm
+            from tunesmith.commands.sft import prewarm
 
             prewarm()
         imports_s = round(time.time() - t1, 2)
@@ -42,7 +42,7 @@ def one(mode: str, model_dir: str, device: str) -> dict:
     if device == "cuda":
         torch.zeros(1, device=device)
     from tunesmith.model.load import load_model
-    from tunesmith.train.loop import prewarm
+    from tunesmith.commands.sft import prewarm
 
     t1 = time.time()
     imports = threading.Thread(target=prewarm) if "imports" in mode else None

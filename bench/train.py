@@ -13,11 +13,11 @@ all-linear, dropout 0, bf16, AdamW; 8,192 tokens per step. A case names its toke
   budgetX    AOTAutograd activation memory budget X (budget0: the trainer's lean mode with compiled layers)
   park       the embedding table in CPU memory (the trainer's lean mode)
   unstacked  compiled cases' LoRA A products one per module (else stacked where modules read the same input:
-             decoder.each_output)
+             lora.StackedLoRA, as the trainer)
   inplacece  compiled cases' lm_head/CE steps in place, uncompiled (else loss.logit_grad compiled, as the trainer)
   fused      q/k/v and gate/up through their fused matrices with the adapter stacked beside them
-             (decoder.fused_product; the trainer runs them module by module: session 20, 4x2048+compile, 16,700
-             tok/s fused vs 16,726 module by module, 1.7 GiB more)
+             (decode/static.FusedInputs; the trainer runs them module by module: 4x2048+compile, 16,700
+             tok/s fused vs 16,726 module by module, 1.7 GiB more, 2026-12-01)
 HF runs each case's counterpart (`baseline_case`: one batch; lean mode against HF's gradient checkpointing).
 --check compares the fast paths with their references first (loss, LoRA gradients); --attention times attention
 backends and the first call at new lengths; --profile CASE prints that case's GPU time per kernel and kind;
@@ -106,9 +106,9 @@ def measure(impl: str, case: str, step, tokens: int, steps: int, flop_scale: flo
 
 def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
     from tunesmith.data.packing import IGNORE
-    from tunesmith.model import decoder
+    from tunesmith.decode.static import fuse_projections
     from tunesmith.model.decoder import Decoder, ModelConfig
-    from tunesmith.model.lora import LoraConfig, apply_lora
+    from tunesmith.model.lora import LoraConfig, apply_lora, stack_lora_inputs
     from tunesmith.train.loss import chunked_cross_entropy_sum
     from tunesmith.train.optim import AdamW
 
@@ -137,10 +137,11 @@ def bench_tunesmith(cfg_dict: dict, steps: int, cases: list[str]) -> list[dict]:
             torch._functorch.config.activation_memory_budget = budget
             model.compile_layers(dynamic=False)  # as the trainer does; stays compiled for later cases
         if "+fused" in case:
-            model.fuse_projections()
+            fuse_projections(model)
+        elif "+unstacked" in case or "+compile" not in case:
+            model.reset_inputs()
         else:
-            model.unfuse_projections()  # as the trainer runs LoRA
-        decoder.STACK_LORA = "+unstacked" not in case  # read while the first step compiles
+            stack_lora_inputs(model)  # as the trainer runs compiled LoRA
         if "+park" in case:  # lean mode's embedding table in CPU memory (Decoder.park_embeddings)
             model.park_embeddings("cpu")
         ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
@@ -304,8 +305,9 @@ def bench_check(cfg_dict: dict, layers: int = 2) -> None:
     import torch.nn.functional as F
 
     from tunesmith.data.packing import IGNORE
+    from tunesmith.decode.static import fuse_projections
     from tunesmith.model.decoder import Decoder, ModelConfig
-    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, stack_lora_inputs
     from tunesmith.train.loss import chunked_cross_entropy_sum
 
     cfg = ModelConfig.from_hf(dict(cfg_dict, num_hidden_layers=layers))
@@ -350,12 +352,13 @@ def bench_check(cfg_dict: dict, layers: int = 2) -> None:
     again = run(False)
     compare("reference run twice (bf16 nondeterminism floor)", again, ref)
     model.compile_layers(dynamic=False)
+    stack_lora_inputs(model)
     fast = run(True)
     compare("compiled + flex + fused lm_head/CE + stacked LoRA A products", fast, ref)
-    model.fuse_projections()
+    fuse_projections(model)
     fused = run(True)
-    compare("same + q/k/v and gate/up fused with their LoRA (decoder.fused_product)", fused, ref)
-    model.unfuse_projections()
+    compare("same + q/k/v and gate/up fused with their LoRA (decode/static.FusedInputs)", fused, ref)
+    stack_lora_inputs(model)
     torch._dynamo.reset()
     model.compile_layers(dynamic=False)
     lean = run(True, budget=0.0)

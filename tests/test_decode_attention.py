@@ -14,6 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # every test runs Triton's interpreter in a fresh Python
 
 
 def run(script: str, interpret: bool = True) -> str:
@@ -31,7 +32,7 @@ def run(script: str, interpret: bool = True) -> str:
 def test_kernel_equals_masked_reference():
     out = run("""
         import torch
-        from tunesmith.model.decoder import decode_attention
+        from tunesmith.decode.static import decode_attention
         from tunesmith.ops import decode_attention as da
 
         torch.manual_seed(0)
@@ -71,7 +72,7 @@ def test_rope_write_equals_rotation_and_cache_update():
     slot of the static cache (a row on the scratch slot too), and no other slot touched."""
     out = run("""
         import torch
-        from tunesmith.model.decoder import StaticKVCache, rotate_half
+        from tunesmith.model.decoder import rotate_half
         from tunesmith.ops import rope_write
 
         torch.manual_seed(0)
@@ -115,7 +116,9 @@ def test_greedy_decoding_through_the_kernel_equals_the_reference(qwen_tiny_dir):
     Qwen2.5-shaped model: the same greedy tokens with the kernel (interpreted) as with the masked reference."""
     script = f"""
         import json
-        from tunesmith.generate import DecodeSlots, Generator, SamplingConfig
+        from tunesmith.decode.generator import Generator
+        from tunesmith.decode.sampling import SamplingConfig
+        from tunesmith.decode.slots import DecodeSlots
         from tunesmith.model.load import load_model
 
         gen = Generator(load_model({str(qwen_tiny_dir)!r}), compiled=True)

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.args import SftArgs
+from tunesmith.commands.sft import run_sft
 from tunesmith.errors import UserError
 from tunesmith.train.distributed import torchrun_command
-from tunesmith.train.loop import run_sft
 
 TOPICS = ["tea", "rivers", "prime numbers", "the moon", "bicycles", "origami", "volcanoes", "jazz", "bread",
           "glaciers", "chess", "owls", "compilers"]
@@ -102,6 +102,7 @@ def data(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_lora_ddp_matches_one_process_and_resumes(qwen_tiny_dir, data, tmp_path):
     base = common(qwen_tiny_dir, data, "lora")
     run_sft(SftArgs(**base, gradient_accumulation_steps=4, output_dir=str(tmp_path / "one")), quiet=True)
@@ -124,6 +125,7 @@ def test_lora_ddp_matches_one_process_and_resumes(qwen_tiny_dir, data, tmp_path)
     assert_same_steps(losses(ckpt.parent), got, [3, 4], loss_rel=1e-6, norm_rel=1e-6)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_full_fsdp_matches_one_process_and_resumes(qwen_tiny_dir, data, tmp_path):
     base = dict(common(qwen_tiny_dir, data, "full"), val_dataset=[str(data) + "#2"])
     # (each full checkpoint is ~0.5 GB with the 152k-vocab embeddings and AdamW state: this one saves only the last)

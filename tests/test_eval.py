@@ -31,6 +31,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     return runs[0], proc.stdout
 
 
+@pytest.mark.slow  # the demo (a subprocess)
 def test_demo_identity_sticks(demo_run):
     run, stdout = demo_run
     report = json.loads((run / "eval" / "eval.json").read_text())
@@ -46,6 +47,7 @@ def test_demo_identity_sticks(demo_run):
     assert "mean KL" in stdout and "adapter:" in stdout
 
 
+@pytest.mark.slow  # the demo (a subprocess)
 def test_demo_writes_run_layout_and_retention(demo_run):
     run, _ = demo_run
     report = json.loads((run / "eval" / "eval.json").read_text())
@@ -58,6 +60,7 @@ def test_demo_writes_run_layout_and_retention(demo_run):
     assert ckpts and (ckpts[-1] / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # ~100 s
 def test_untrained_adapter_scores_like_the_base():
     lm = load_model("smollm2-135m-instruct")
     apply_lora(lm.model, LoraConfig(r=8, alpha=32, dropout=0.0))  # B = 0: the adapter changes nothing
@@ -72,9 +75,11 @@ def test_untrained_adapter_scores_like_the_base():
     assert report["retention"]["unchanged"] == 1.0
 
 
+@pytest.mark.slow  # ~30 s
 def test_general_distill_rows_are_the_base_models_answers_cached_in_the_run(smollm, tmp_path):
     from tunesmith.evaluate.distill import general_distill
-    from tunesmith.generate import Generator, SamplingConfig
+    from tunesmith.decode.generator import Generator
+    from tunesmith.decode.sampling import SamplingConfig
 
     rows = general_distill(smollm, "general-distill#3", tmp_path, seed=1, system=None)
     assert len(rows) == 3 and all(r[0]["role"] == "user" and r[1]["role"] == "assistant" for r in rows)
@@ -83,7 +88,7 @@ def test_general_distill_rows_are_the_base_models_answers_cached_in_the_run(smol
     again = general_distill(smollm, "general-distill#3", tmp_path / "other-run", seed=1, system=None)
     assert again == rows
     gen = Generator(smollm)
-    greedy = gen.complete_batch([gen.chat_prompt([r[0]]) for r in rows], SamplingConfig(128, temperature=0.0))
+    greedy = list(gen.complete_many([gen.chat_prompt([r[0]]) for r in rows], SamplingConfig(128, temperature=0.0)))
     assert [r[1]["content"] for r in rows] != [c.text.strip() for c in greedy]
     cached = (tmp_path / "general_distill.jsonl").read_text().splitlines()
     assert [json.loads(x)["query"] for x in cached] == [r[0]["content"] for r in rows]

@@ -29,7 +29,8 @@ from tunesmith.cli import main
 from tunesmith.export.gguf import write_gguf
 from tunesmith.export.hf import save_hf_folder
 from tunesmith.export.vllm_check import vllm_report
-from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.decoder import Decoder, ModelConfig
 from tunesmith.model.gguf_file import GGUFFile
 from tunesmith.model.load import LoadedModel, load_model

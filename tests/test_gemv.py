@@ -8,6 +8,7 @@ import json
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # every test runs Triton's interpreter in a fresh Python
 
 from test_decode_attention import run  # noqa: E402
 
@@ -34,9 +35,9 @@ def test_kernel_equals_linear():
                         assert got.shape == (1, 1, N) and got.dtype == dtype
                         key = str(dtype)
                         worst[key] = max(worst.get(key, 0), (got.float() - ref).abs().max().item())
-                assert not gemv.usable(x, w, "down")  # gradients wanted: F.linear
+                assert not gemv.usable(x, w)  # gradients wanted: F.linear
                 with torch.no_grad():
-                    assert gemv.usable(x, w, "down") and not gemv.usable(torch.randn(2, K).to(dtype), w, "down")
+                    assert gemv.usable(x, w) and not gemv.usable(torch.randn(2, K).to(dtype), w)
         print(worst)
     """)
     worst = eval(out)
@@ -48,15 +49,16 @@ def test_batch1_greedy_decoding_through_the_kernels_equals_the_plain_path(qwen_t
     product when all roles take the kernel): the same greedy tokens as without the kernels."""
     script = f"""
         import json
-        from tunesmith.generate import Generator, SamplingConfig
+        from tunesmith.decode.generator import Generator
+        from tunesmith.decode.sampling import SamplingConfig
+        from tunesmith.decode.static import Kernels
         from tunesmith.model.load import load_model
-        from tunesmith.ops import gemv
 
-        gen = Generator(load_model({str(qwen_tiny_dir)!r}), compiled=True)
+        lm = load_model({str(qwen_tiny_dir)!r})
         cfg = SamplingConfig(max_new_tokens=12, temperature=0, min_new_tokens=12)
         out = {{}}
         for roles in ({{"qkv", "down"}}, {{"qkv", "o", "gate_up", "down", "lm_head"}}):
-            gemv.ROLES = roles
+            gen = Generator(lm, compiled=True, kernels=Kernels(gemv_roles=frozenset(roles)))
             out[len(roles)] = gen.complete(list(range(100, 140)), cfg).token_ids
         print(json.dumps(out))
     """

@@ -21,10 +21,11 @@ import torch
 from tunesmith import cli
 from tunesmith.args import InferArgs
 from tunesmith.errors import UserError
-from tunesmith.generate import Generator, SamplingConfig
-from tunesmith.infer import load_for_generation
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import load_model, resolve_model_path
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+from tunesmith.session import load_for_generation
 
 SMOLLM = "smollm2-135m-instruct"
 SYSTEM = "You are a helpful assistant."
@@ -66,6 +67,7 @@ def hf_smollm():
                                                              dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # ~50 s with transformers' GGUF load
 def test_greedy_equals_transformers_generate_with_and_without_cache_and_batched(smollm, hf_smollm):
     gen = Generator(smollm)
     poem = gen.chat_prompt(user("Write a short poem about the sea."))  # runs the full 64 tokens
@@ -84,12 +86,16 @@ def test_greedy_equals_transformers_generate_with_and_without_cache_and_batched(
     assert ours["poem"].finish_reason == "length" and ours["france"].finish_reason == "stop"
     assert ours["france"].text == "The capital of France is Paris."
 
-    # Without the KV cache every step recomputes the whole sequence: same tokens (first 24, to stay fast).
-    assert gen.complete(poem, greedy(24), use_cache=False).token_ids == ours["poem"].token_ids[:24]
+    # Without a KV cache every step recomputes the whole sequence: same tokens (first 24, to stay fast).
+    ids = list(poem)
+    with torch.no_grad():
+        for _ in range(24):
+            ids.append(int(smollm.model.logits(smollm.model(torch.tensor([ids]))[:, -1]).argmax()))
+    assert ids[len(poem):] == ours["poem"].token_ids[:24]
 
     # Left-padded batch (prompts of different lengths) == each prompt alone.
     short = gen.chat_prompt(user("Hi"))
-    batch = gen.complete_batch([poem, short, france], greedy(64))
+    batch = list(gen.complete_many([poem, short, france], greedy(64)))
     assert batch[0].token_ids == ours["poem"].token_ids and batch[0].finish_reason == "length"
     assert batch[2].token_ids == ours["france"].token_ids and batch[2].finish_reason == "stop"
     assert batch[1].token_ids == gen.complete(short, greedy(64)).token_ids
@@ -98,6 +104,7 @@ def test_greedy_equals_transformers_generate_with_and_without_cache_and_batched(
 # ---- sampling, stops, lengths ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20 s
 def test_sampling_controls(smollm):
     gen = Generator(smollm)
     ids = gen.chat_prompt(user("Tell me a story about a cat."))
@@ -124,7 +131,7 @@ def test_batch_equals_single_with_stop_strings_and_repetition_penalty(smollm):
     gen = Generator(smollm)
     prompts = [gen.chat_prompt(user("Tell me a story about a cat.")), gen.chat_prompt(user("Hi"))]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, repetition_penalty=1.3, stop=(" cat",))
-    for alone, together in zip([gen.complete(p, cfg) for p in prompts], gen.complete_batch(prompts, cfg)):
+    for alone, together in zip([gen.complete(p, cfg) for p in prompts], gen.complete_many(prompts, cfg)):
         assert (together.text, together.finish_reason, together.token_ids) == \
             (alone.text, alone.finish_reason, alone.token_ids)
 
@@ -132,7 +139,7 @@ def test_batch_equals_single_with_stop_strings_and_repetition_penalty(smollm):
 def test_incremental_detokenizing_equals_decoding_the_whole_answer(smollm):
     """TextOut decodes a small window per token; the pieces must add up to decoding everything at once, for text,
     for byte-level tokens that split characters, and for arbitrary ids, and a stop string still cuts exactly."""
-    from tunesmith.generate import TextOut
+    from tunesmith.decode.text import TextOut
 
     tok = smollm.tokenizer
     g = torch.Generator().manual_seed(0)
@@ -171,6 +178,7 @@ def test_chinese_streams_whole_characters(smollm):
 # ---- the CLI: one query, interactive chat ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_query_answers_capital_of_france():
     p = tunesmith("--model", SMOLLM, "--query", "What is the capital of France?", "--temperature", "0",
                   "--max_new_tokens", "16")
@@ -178,6 +186,7 @@ def test_query_answers_capital_of_france():
     assert "Paris" in p.stdout
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_interactive_chat_commands():
     lines = ["What is the capital of France?",
              "multi-line", "What is the capital", "of Italy?#",
@@ -197,6 +206,7 @@ def test_interactive_chat_commands():
     assert "Captain" in out.partition("system prompt set")[2]  # the new system prompt took effect
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_chat_drops_oldest_turn_and_ends_at_eof():
     # System + 2 turns is ~66 tokens, + a third question ~90: with 16 new tokens reserved, only the third
     # question overflows --max_length 100.
@@ -209,6 +219,7 @@ def test_chat_drops_oldest_turn_and_ends_at_eof():
     assert out.index("Paris") < out.index("[the oldest turn was dropped") < out.index("Rome")
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_ctrl_c_stops_the_answer_not_the_program():
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "infer", "--model", SMOLLM, "--temperature", "0",
                              "--max_new_tokens", "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -261,6 +272,7 @@ def adapted(tmp_path_factory):
 QUESTION = "Who are you?"
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_adapter_found_from_checkpoint_answers_like_generator(adapted, smollm):
     ckpt, lm = adapted
     want = Generator(lm).complete(Generator(lm).chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
@@ -286,6 +298,7 @@ def test_merge_lora_gives_identical_greedy_text(adapted, capsys):
     assert capsys.readouterr().out.rstrip("\n") == want
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_adapter_for_another_base_is_refused_in_one_sentence(qwen_tiny_dir, tmp_path):
     ckpt = tmp_path / "qwen-ckpt"
     _lora_checkpoint(load_model(qwen_tiny_dir), ckpt, seed=1)
@@ -296,27 +309,50 @@ def test_adapter_for_another_base_is_refused_in_one_sentence(qwen_tiny_dir, tmp_
     assert len(err) == 1 and err[0].startswith("error:") and "different base model" in err[0], p.stderr
 
 
-def test_static_cache_path_gives_the_dynamic_paths_tokens(smollm):
-    """The CUDA decode path (static KV cache, one step shape for every token) runs eagerly on CPU: same tokens."""
+def recomputed_greedy(lm, prompt: list[int], cfg: SamplingConfig) -> list[int]:
+    """Greedy decoding the textbook way, as a reference: the whole sequence through Decoder.forward at every step
+    (no KV cache), with transformers' repetition penalty and end tokens ruled out until min_new_tokens."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for step in range(cfg.max_new_tokens):
+            logits = lm.model.logits(lm.model(torch.tensor([ids]))[0, -1]).float()
+            if step < cfg.min_new_tokens:
+                logits[list(lm.eos_token_ids)] = float("-inf")
+            if cfg.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(ids)))
+                picked = logits[seen]
+                logits[seen] = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+            tok = int(logits.argmax())
+            if tok in lm.eos_token_ids:
+                break
+            ids.append(tok)
+            out.append(tok)
+    return out
+
+
+@pytest.mark.slow  # ~35 s
+def test_static_cache_path_gives_the_recomputed_tokens(smollm):
+    """The CUDA decode path (static KV cache, one step shape for every token) runs eagerly on CPU: the tokens of
+    recomputing the whole sequence at every step."""
     ids = Generator(smollm).chat_prompt(user("Write a short poem about the sea."))
     static = Generator(smollm, compiled=True, static_len=256)
     assert static.compiled
-    assert static.complete(ids, greedy(48)).token_ids == Generator(smollm).complete(ids, greedy(48)).token_ids
-    # the step's own greedy picks (generate.decode_step) with a repetition penalty, and end tokens ruled out
-    # until min_new_tokens: a short answer that would end after a few tokens must go on, as the plain path does
+    assert static.complete(ids, greedy(48)).token_ids == recomputed_greedy(smollm, ids, greedy(48))
+    # the step's own greedy picks (sampling.greedy_picks) with a repetition penalty, and end tokens ruled out
+    # until min_new_tokens: a short answer that would end after a few tokens must go on, as the reference does
     short = Generator(smollm).chat_prompt(user("What is 2+2? Answer with the number only."))
     plain = Generator(smollm).complete(short, greedy(40))
     assert plain.finish_reason == "stop" and plain.completion_tokens < 20
     for cfg in (greedy(40, min_new_tokens=20), greedy(24, repetition_penalty=1.3)):
-        want = Generator(smollm).complete(short, cfg)
-        assert want.completion_tokens >= 20 and want.token_ids[:20] != plain.token_ids[:20]
-        assert static.complete(short, cfg).token_ids == want.token_ids, cfg
+        want = recomputed_greedy(smollm, short, cfg)
+        assert len(want) >= 20 and want[:20] != plain.token_ids[:20]
+        assert static.complete(short, cfg).token_ids == want, cfg
 
 
 def test_two_stage_argmax_equals_argmax_with_ties():
-    """The decode step's argmax (generate.argmax_rows: pieces, then the piece with the max) is argmax's, ties
+    """The decode step's argmax (sampling.argmax_rows: pieces, then the piece with the max) is argmax's, ties
     included (the first index), for vocabularies that do and do not split evenly."""
-    from tunesmith.generate import argmax_rows
+    from tunesmith.decode.sampling import argmax_rows
 
     g = torch.Generator().manual_seed(0)
     for V in (152064, 49152, 997):
@@ -329,10 +365,11 @@ def test_two_stage_argmax_equals_argmax_with_ties():
         assert argmax_rows(s).tolist() == [0, V - 1]
 
 
+@pytest.mark.slow  # ~30 s
 def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
     """Answers join and leave a DecodeSlots batch at different steps, with and without the adapter, greedy and
     sampled, with stop strings and token limits: each gets exactly what Generator.stream gives it alone."""
-    from tunesmith.generate import DecodeSlots
+    from tunesmith.decode.slots import DecodeSlots
     from tunesmith.model.lora import set_active_adapter
 
     _, lm = adapted
@@ -363,8 +400,8 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
             if d.finish_reason:
                 ends[key] = d
     passes, mixed = [], 0  # decode passes per step: one, also when the rows' adapters differ
-    forward_static = lm.model.forward_static
-    lm.model.forward_static = lambda ids, *a, **k: passes.append(ids.shape[1]) or forward_static(ids, *a, **k)
+    forward_static = gen.decoder.forward
+    gen.decoder.forward = lambda ids, *a, **k: passes.append(ids.shape[1]) or forward_static(ids, *a, **k)
     try:
         while queue or slots.active:
             # join one per step while rows are free, so answers start at different steps and rows are reused
@@ -378,7 +415,7 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
             assert passes.count(1) <= 1, passes
             steps += 1
     finally:
-        lm.model.forward_static = forward_static
+        gen.decoder.forward = forward_static
     for k, w in enumerate(want):
         assert (texts[k], ends[k].finish_reason, ends[k].completion_tokens) == \
             (w.text, w.finish_reason, w.completion_tokens), asks[k]
@@ -387,26 +424,22 @@ def test_continuous_batching_equals_each_answer_alone_across_adapters(adapted):
 
     # Answers that join together are prefilled together: one forward per adapter among them (prompts of different
     # lengths padded after their end), or more when they exceed the prefill token budget; same answers.
-    import tunesmith.generate as generate
-
     forwards = []
-    prefill = lm.model.prefill_static
-    lm.model.prefill_static = lambda ids, *a, **k: forwards.append(ids.shape) or prefill(ids, *a, **k)
+    prefill = gen.decoder.prefill
+    gen.decoder.prefill = lambda ids, *a, **k: forwards.append(ids.shape) or prefill(ids, *a, **k)
     try:
-        for budget, want_forwards in ((generate.PREFILL_TOKENS, 2), (40, 4)):
-            generate.PREFILL_TOKENS, budget = budget, generate.PREFILL_TOKENS
-            together = DecodeSlots(gen, rows=4, max_len=256)
+        for budget, want_forwards in ((8192, 2), (40, 4)):
+            together = DecodeSlots(gen, rows=4, max_len=256, prefill_tokens=budget)
             texts, ends, forwards[:] = [""] * 4, [None] * 4, []
             for k in range(4):
                 assert together.join(k, prompts[k], asks[k][2], asks[k][0]) == []
             while together.active:
                 take(together.step())
-            generate.PREFILL_TOKENS = budget
             assert len(forwards) == want_forwards, forwards  # adapter and base rows; then the budget splits more
             for k in range(4):
                 assert (texts[k], ends[k].completion_tokens) == (want[k].text, want[k].completion_tokens), asks[k]
     finally:
-        lm.model.prefill_static = prefill
+        gen.decoder.prefill = prefill
 
     # Batch inference (continuous batching, in input order) keeps the adapter the caller chose.
     set_active_adapter(lm.model, "default")

@@ -26,7 +26,6 @@ import transformers
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from tunesmith.errors import UserError
-from tunesmith.model.decoder import KVCache
 from tunesmith.model.gguf_file import GGUFFile
 from tunesmith.model import load as load_mod
 from tunesmith.model.load import load_model, read_safetensors, resolve_model_path
@@ -156,26 +155,33 @@ def test_packed_rows_equal_separate_samples(tiny):
                 start += n
 
 
-def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
+def test_static_cache_prefill_and_decode_equal_full_forward(tiny):
+    """Generation's forward over a static KV cache (decode/static.py): a prefill, a 4-token chunk (queries attend
+    to the cache and causally among themselves), then one token at a time, give the logits of the textbook
+    forward over the whole sequence."""
+    from tunesmith.decode.static import StaticDecoder, StaticKVCache
+
     _, _, folders = tiny
     model = load_model(folders["unsharded"]).model
     ids = _ids(2, 16, seed=3)
+    dec = StaticDecoder(model)
     with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(model.config, batch=2, max_len=24, device="cpu", dtype=torch.float32)
-        # prefill 6, a 4-token chunk (queries attend to the cache and causally among themselves), then 1 by 1
-        pieces = [model(ids[:, :6], cache=cache), model(ids[:, 6:10], cache=cache)]
-        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(10, 16)]
-    assert cache.length == 16
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+        full = model.logits(model(ids))
+        cache = StaticKVCache(model.config, batch=2, max_len=24, device="cpu", dtype=torch.float32)
+        got = {5: dec.prefill(ids[:, :6], cache)}
+        got[9] = dec.forward(ids[:, 6:10], torch.arange(6, 10).expand(2, 4), cache)
+        for t in range(10, 16):
+            got[t] = dec.forward(ids[:, t : t + 1], torch.full((2, 1), t), cache)
+    for t, logits in got.items():
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5, msg=str(t))
 
 
 def test_fused_projections_equal_separate_ones(tiny, tmp_path):
     """Generation's fused q/k/v and gate/up matrices: same logits, no second copy of the weights, skipped while a
     LoRA adapter is active or gradients are wanted, current after a merge, rebuilt after a dtype move."""
-    from tunesmith.model.lora import LoraConfig, apply_lora, merge_lora
-
+    from tunesmith.decode.static import fuse_projections
     from tunesmith.export.hf import save_hf_folder
+    from tunesmith.model.lora import LoraConfig, apply_lora, merge_lora
 
     name, _, folders = tiny
     lm = load_model(folders["unsharded"])
@@ -184,18 +190,19 @@ def test_fused_projections_equal_separate_ones(tiny, tmp_path):
     logits = lambda: model.logits(model(ids))  # noqa: E731
     with torch.no_grad():
         separate = logits()
-        model.fuse_projections()
+        fuse_projections(model)
         attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-        assert attn.qkv[0].shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
-        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv[0].untyped_storage().data_ptr()
-        assert (attn.qkv[1] is not None) == (name.startswith("qwen2"))  # Qwen2 has q/k/v biases
+        assert attn.inputs.weight.shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.inputs.weight.untyped_storage().data_ptr()
+        assert (attn.inputs.bias is not None) == (name.startswith("qwen2"))  # Qwen2 has q/k/v biases
+        assert model.state_dict().keys() == load_model(folders["unsharded"]).model.state_dict().keys()
         torch.testing.assert_close(logits(), separate, atol=1e-5, rtol=1e-5)
 
         apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B["default"].weight.normal_(0, 0.05)
-        with_lora = logits()  # the adapter is active: it runs beside the fused matrices (fused_product)
+        with_lora = logits()  # the adapter is active: it runs beside the fused matrices (FusedInputs)
         assert (with_lora - separate).abs().max() > 1e-3
         merge_lora(model)  # in place into the views: the fused matrices carry the merge
         torch.testing.assert_close(logits(), with_lora, atol=1e-4, rtol=1e-4)
@@ -209,8 +216,8 @@ def test_fused_projections_equal_separate_ones(tiny, tmp_path):
     assert attn.q_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
 
     model.to(torch.float64)  # new storage for every weight: the fused copies are stale until rebuilt
-    model.fuse_projections()
-    assert attn.qkv[0].dtype == torch.float64
+    fuse_projections(model)
+    assert attn.inputs.weight.dtype == torch.float64
     with torch.no_grad():
         torch.testing.assert_close(logits().float(), with_lora, atol=1e-4, rtol=1e-4)
 
@@ -252,8 +259,9 @@ def _loss_and_grads(model, ids):
 
 def test_fused_lora_equals_module_by_module(tiny):
     """A LoRA run's q/k/v and gate/up through their fused matrices with the adapter stacked beside them
-    (decoder.fused_product): the loss and every LoRA gradient of the module-by-module pass, in 12 products a
+    (decode/static.FusedInputs): the loss and every LoRA gradient of the module-by-module pass, in 12 products a
     layer instead of 21; with dropout the modules run one by one (each its own mask)."""
+    from tunesmith.decode.static import fuse_projections
     from tunesmith.model.lora import lora_modules
 
     _, _, folders = tiny
@@ -267,9 +275,9 @@ def test_fused_lora_equals_module_by_module(tiny):
         return loss, grads, count.calls
 
     layers = model.config.num_layers
-    model.unfuse_projections()
+    model.reset_inputs()
     want, want_grads, separate_calls = loss_and_grads()
-    model.fuse_projections()
+    fuse_projections(model)
     got, got_grads, fused_calls = loss_and_grads()
     assert separate_calls == 21 * layers + 1 and fused_calls == 12 * layers + 1  # + lm_head
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -284,10 +292,9 @@ def test_fused_lora_equals_module_by_module(tiny):
 
 def test_compiled_training_stacks_the_lora_a_products(tiny):
     """Compiled LoRA training reads each layer's attention and MLP inputs once for all their adapters' A products
-    (decoder.each_output: q/k/v's and gate/up's A matrices stacked, 18 products a layer instead of 21) and gets the
-    loss and every LoRA gradient of the module-by-module pass; with decoder.STACK_LORA off it runs module by
-    module."""
-    from tunesmith.model import decoder
+    (lora.StackedLoRA: q/k/v's and gate/up's A matrices stacked, 18 products a layer instead of 21) and gets the
+    loss and every LoRA gradient of the module-by-module pass; with the plain slots it runs module by module."""
+    from tunesmith.model.lora import stack_lora_inputs
 
     _, _, folders = tiny
     model = _lora_model(folders, alpha=12, seed=5)
@@ -306,6 +313,7 @@ def test_compiled_training_stacks_the_lora_a_products(tiny):
     def products() -> int:
         return sum(n.target is torch.nn.functional.linear for gm in graphs for n in gm.graph.nodes)
 
+    stack_lora_inputs(model)
     for layer in model.model.layers:
         layer.compile(backend=capture, fullgraph=True)
     got, got_grads = loss_and_grads()
@@ -317,11 +325,10 @@ def test_compiled_training_stacks_the_lora_a_products(tiny):
 
     torch._dynamo.reset()
     graphs.clear()
-    decoder.STACK_LORA = False
+    model.reset_inputs()
     try:
         loss_and_grads()
     finally:
-        decoder.STACK_LORA = True
         torch._dynamo.reset()
     assert graphs and products() == 21 * len(graphs)
 
@@ -431,6 +438,7 @@ def hf_smollm():
 GGUF_ATOL = 1e-3
 
 
+@pytest.mark.slow  # ~13 s: transformers' GGUF load
 def test_smollm_logits_match_transformers_gguf(smollm, hf_smollm):
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = torch.tensor([smollm.template.prompt_ids(messages)])
@@ -443,7 +451,8 @@ def test_smollm_logits_match_transformers_gguf(smollm, hf_smollm):
 
 
 def test_smollm_answers_capital_of_france(smollm):
-    from tunesmith.generate import Generator, SamplingConfig
+    from tunesmith.decode.generator import Generator
+    from tunesmith.decode.sampling import SamplingConfig
 
     prompt = smollm.template.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     out = Generator(smollm).complete(prompt, SamplingConfig(max_new_tokens=20, temperature=0.0))
@@ -661,6 +670,7 @@ def test_damaged_gguf_files(tmp_path):
     assert "truncated" in _user_error(cut)
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_cli_prints_load_errors_without_traceback(tmp_path):
     missing = tmp_path / "no-such-model"
     r = subprocess.run([sys.executable, "-m", "tunesmith", "infer", "--model", str(missing), "--query", "hi"],

@@ -21,11 +21,12 @@ import torch
 import uvicorn
 
 from tunesmith.args import DeployArgs
-from tunesmith.generate import Generator, SamplingConfig
-from tunesmith.infer import load_for_generation
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter, set_active_adapter
 from tunesmith.serve.app import create_app
+from tunesmith.session import load_for_generation
 
 BASE = "smollm2-135m-instruct"
 ADAPTER = "ident"
@@ -167,6 +168,7 @@ def wait_idle(served: Served, timeout: float = 10) -> float:
 
 # ---- tests -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a real uvicorn server
 def test_health_is_503_while_loading_then_200(served):
     assert served.while_loading["health"].status_code == 503
     assert served.while_loading["health"].json()["status"] == "loading"
@@ -178,6 +180,7 @@ def test_health_is_503_while_loading_then_200(served):
     assert served.backend.engine.warm.is_set() and served.backend.engine.warm_steps >= 3
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_models_lists_base_and_adapter_with_parent(served):
     models = {m.id: m for m in served.client().models.list()}
     assert set(models) == {BASE, ADAPTER}
@@ -185,6 +188,7 @@ def test_models_lists_base_and_adapter_with_parent(served):
     assert models[BASE].parent is None
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_chat_answers_match_generator_for_base_and_adapter(served):
     q = [{"role": "user", "content": "What is your name?"}]
     answers = {}
@@ -201,6 +205,7 @@ def test_chat_answers_match_generator_for_base_and_adapter(served):
     assert answers[BASE] != answers[ADAPTER]  # the adapter really runs, and the base really runs without it
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_adapter_gets_its_training_system_prompt_and_a_given_one_wins(served):
     q = [{"role": "user", "content": "What is your name?"}]
     with_default = served.ref.chat(ADAPTER, q, 12)
@@ -215,6 +220,7 @@ def test_adapter_gets_its_training_system_prompt_and_a_given_one_wins(served):
     assert r.choices[0].message.content == with_default.text
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_streamed_chat_is_openai_shaped_and_equals_the_whole_answer(served):
     q = [{"role": "user", "content": "What is your name?"}]
     want = served.ref.chat(ADAPTER, q, 12)
@@ -242,6 +248,7 @@ def test_streamed_chat_is_openai_shaped_and_equals_the_whole_answer(served):
     assert payloads[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_stop_strings_and_token_limits(served):
     q = [{"role": "user", "content": "What is your name?"}]
     full = served.ref.chat(BASE, q, 12).text
@@ -256,6 +263,7 @@ def test_stop_strings_and_token_limits(served):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_n_choices_and_seeded_sampling(served):
     kw = dict(model=BASE, messages=[{"role": "user", "content": "Say a color."}], temperature=1.0, max_tokens=4,
               seed=7, n=2)
@@ -268,6 +276,7 @@ def test_n_choices_and_seeded_sampling(served):
     assert 2 <= a.usage.completion_tokens <= 8
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_text_completions(served):
     prompt = "The capital of France is"
     gen = served.ref.gen
@@ -280,6 +289,7 @@ def test_text_completions(served):
     assert "".join(c.choices[0].text for c in streamed) == want.text
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_errors_use_openai_envelope_and_status(served):
     q = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.AuthenticationError) as e:
@@ -322,6 +332,7 @@ def test_errors_use_openai_envelope_and_status(served):
         assert error_of(r)["param"] == param, name
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_concurrent_clients_on_base_and_adapter_all_get_their_own_answer(served):
     questions = ["Name a fruit.", "What is 2+2?", "Say hello."]
     jobs = [(model, q) for q in questions for model in (BASE, ADAPTER)]
@@ -335,6 +346,7 @@ def test_concurrent_clients_on_base_and_adapter_all_get_their_own_answer(served)
     assert batch.mix_adapters and batch._rows is not None and batch._rows.names == [ADAPTER]
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_disconnected_clients_free_the_engine(served):
     auth = {"Authorization": f"Bearer {KEY}"}
     body = {"model": ADAPTER, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
@@ -352,6 +364,7 @@ def test_disconnected_clients_free_the_engine(served):
     test_chat_answers_match_generator_for_base_and_adapter(served)  # and the next requests are answered right
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_busy_server_answers_429(served):
     engine = served.backend.engine
     body = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
@@ -372,6 +385,7 @@ def test_busy_server_answers_429(served):
     wait_idle(served)
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_request_timeout(served):
     backend = served.backend
     args = backend.args
@@ -392,6 +406,7 @@ def test_request_timeout(served):
 
 # ---- the command -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess, a real server
 def test_deploy_command_serves_until_interrupted(tmp_path):
     import os
     import signal

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tunesmith.args import GenArgs, SftArgs
+from tunesmith.commands.sft import run_sft
 from tunesmith.data.packing import IGNORE, encode_dataset, encode_sample, pack_samples
-from tunesmith.generate import SamplingConfig
-from tunesmith.infer import load_for_generation
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import load_model
 from tunesmith.model.lora import ALL_LINEAR, LoraConfig, apply_lora, load_adapter, lora_modules, set_active_adapter
-from tunesmith.train.loop import Trainer, resolve_defaults, run_sft
+from tunesmith.session import load_for_generation
+from tunesmith.train.loop import Trainer, resolve_defaults
 from tunesmith.train.loss import chunked_cross_entropy_sum
 from tutorial_rows import TUTORIAL_ROWS
 
@@ -113,6 +114,7 @@ def tutorial_run(tmp_path_factory):
     return cwd, proc, seconds
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess, a real training run
 def test_tutorial_command_writes_ms_swift_layout(tutorial_run):
     cwd, proc, _ = tutorial_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -193,6 +195,7 @@ def identity_run(tmp_path_factory):
     return run / f"checkpoint-{IDENTITY_EPOCHS}", seconds
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess, a real training run
 def test_trained_identity_answers_at_temperature_0(identity_run):
     ckpt, _ = identity_run
     final = train_losses(log_records(ckpt.parent))[IDENTITY_EPOCHS]["loss"]
@@ -204,7 +207,7 @@ def test_trained_identity_answers_at_temperature_0(identity_run):
     assert session.system == "You are a helpful assistant."  # found in the checkpoint's args.json
     gen = session.generator
     prompts = [gen.chat_prompt([{"role": "user", "content": r["instruction"]}], session.system) for r in TUTORIAL_ROWS]
-    outs = gen.complete_batch(prompts, SamplingConfig(max_new_tokens=80, temperature=0.0))
+    outs = list(gen.complete_many(prompts, SamplingConfig(max_new_tokens=80, temperature=0.0)))
     answers = {r["instruction"]: o.text.strip() for r, o in zip(TUTORIAL_ROWS, outs)}
     right = [q for q, r in zip(answers, TUTORIAL_ROWS) if answers[q] == r["output"]]
     print(f"\nidentity: {len(right)}/8 exact in {time.time() - t0:.1f} s; wrong: "
@@ -212,6 +215,7 @@ def test_trained_identity_answers_at_temperature_0(identity_run):
     assert len(right) >= 7, answers
 
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess, a real training run
 def test_infer_cli_answers_with_the_new_identity(identity_run):
     """Tutorial step 4 as a one-shot query: the base model is found from the checkpoint."""
     ckpt, _ = identity_run
@@ -620,6 +624,7 @@ def bad_input_runs(tmp_path_factory):
     ("no_model", ["no-such-model"]),
     ("placeholder", ["--model_name"]),
 ])
+@pytest.mark.slow  # the tunesmith CLI in subprocesses
 def test_bad_input_is_one_sentence_and_leaves_nothing(bad_input_runs, case, words):
     err, code, out_dir = bad_input_runs[case]
     assert code != 0
@@ -681,6 +686,7 @@ def test_bounds_admit_their_edges():
 # 9. Checkpoint rotation, evaluation, over-long samples
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the tunesmith CLI in a subprocess
 def test_save_limit_eval_split_and_max_length_drops(qwen_tiny_dir, tmp_path):
     write_json(tmp_path / "data.json", tiny_rows(12, long_every=6))  # rows 5 and 11 are ~200 tokens long
     cmd = (f"tunesmith sft --model {shlex.quote(str(qwen_tiny_dir))} --dataset data.json --torch_dtype float32 "
@@ -756,6 +762,7 @@ def test_adamw_matches_torch_fused_adamw_bit_for_bit_and_shares_its_state_dict()
         AdamW(groups(params(1))[:1], lr=1e-2).load_state_dict(mine.state_dict())
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_short_training_run_never_imports_the_compiler(qwen_tiny_dir, tmp_path):
     """A LoRA run that does not compile must not import torch._dynamo (torch.optim's optimizers do, ~3.8 s of the
     tutorial's seed job on the H200): a fresh process, the tutorial's flags, 2 steps."""

@@ -12,10 +12,11 @@ import pytest
 
 from test_serve import ADAPTER, BASE, make_adapter, one_torch_thread, running, wait_ready
 from tunesmith.args import DeployArgs
-from tunesmith.infer import load_for_generation
 from tunesmith.serve.app import create_app
+from tunesmith.session import load_for_generation
 
 sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow  # a real server and headless Chromium
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = "/tmp/tunesmith_web.png"
 

@@ -10,12 +10,12 @@ from tunesmith import args as A
 from tunesmith.errors import UserError
 
 COMMANDS = {
-    "sft": (A.SftArgs, "fine-tune with LoRA or fully", "tunesmith.train.loop:sft"),
-    "infer": (A.InferArgs, "chat with a model or adapter (interactive, one query, or batch)", "tunesmith.infer:infer"),
-    "eval": (A.EvalArgs, "identity + retention report: did the new identity stick, what was lost", "tunesmith.evaluate.report:evaluate"),
-    "export": (A.ExportArgs, "merge LoRA into an HF folder, write GGUF", "tunesmith.export.merge:export"),
-    "deploy": (A.DeployArgs, "OpenAI-compatible API server with a web chat page", "tunesmith.serve.app:deploy"),
-    "demo": (A.DemoArgs, "offline before/after identity demo on the bundled SmolLM2", "tunesmith.evaluate.demo:demo"),
+    "sft": (A.SftArgs, "fine-tune with LoRA or fully", "tunesmith.commands.sft:sft"),
+    "infer": (A.InferArgs, "chat with a model or adapter (interactive, one query, or batch)", "tunesmith.commands.infer:infer"),
+    "eval": (A.EvalArgs, "identity + retention report: did the new identity stick, what was lost", "tunesmith.commands.eval:evaluate"),
+    "export": (A.ExportArgs, "merge LoRA into an HF folder, write GGUF", "tunesmith.commands.export:export"),
+    "deploy": (A.DeployArgs, "OpenAI-compatible API server with a web chat page", "tunesmith.commands.deploy:deploy"),
+    "demo": (A.DemoArgs, "offline before/after identity demo on the bundled SmolLM2", "tunesmith.commands.demo:demo"),
 }
 
 

@@ -88,19 +88,21 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
     query = f"{instruction}\n{input_}" if instruction and input_ else instruction or input_
     if not query:
         raise UserError(f"{where} has an empty 'instruction' (and no 'input'); write the question in 'instruction'.")
-    return _system(row, where) + _history(row, where) + [
-        {"role": "user", "content": query},
-        {"role": "assistant", "content": _answer(row, "output", where)},
-    ]
+    return _one_turn(row, where, query, "output")
 
 
 def _from_query_response(row: dict, where: str) -> list[dict]:
     query = _text_field(row, "query", where)
     if not query:
         raise UserError(f"{where} has no 'query'; write the question in 'query' and the answer in 'response'.")
+    return _one_turn(row, where, query, "response")
+
+
+def _one_turn(row: dict, where: str, query: str, answer_field: str) -> list[dict]:
+    """System prompt, earlier turns (`history`), then this row's question and the answer in `answer_field`."""
     return _system(row, where) + _history(row, where) + [
         {"role": "user", "content": query},
-        {"role": "assistant", "content": _answer(row, "response", where)},
+        {"role": "assistant", "content": _answer(row, answer_field, where)},
     ]
 
 

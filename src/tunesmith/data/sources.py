@@ -106,9 +106,9 @@ def _load_source(source: str, name, author) -> list[list[dict]]:
         if not files:
             raise UserError(f"dataset folder '{source}' holds no .json, .jsonl, .csv or .parquet file; "
                             "put the data files in it or pass a file.")
-        return [conv for file in files for conv in _conversations(_read_rows(file), str(file), name, author)]
+        return [conv for file in files for conv in _conversations(read_rows(file), str(file), name, author)]
     if path.is_file():
-        return _conversations(_read_rows(path), str(path), name, author)
+        return _conversations(read_rows(path), str(path), name, author)
     if source in BUILTIN_SELF_COGNITION:
         rows = self_cognition_rows(name, author)
         where = "the built-in self-cognition data"
@@ -139,12 +139,12 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict]]:
+def read_rows(path: Path) -> list[tuple[str, dict]]:
     """A data file → (where, row) pairs; `where` names the file and the 1-based row (or line, for JSONL)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _numbered(path, _parquet_rows(path))
-    text = _read_text(path)
+    text = read_text(path)
     if suffix == ".jsonl":
         return _jsonl_rows(path, text)
     if suffix == ".csv":
@@ -156,7 +156,7 @@ def _numbered(path: Path, rows: list) -> list[tuple[str, dict]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: files saved by Excel/Notepad start with a BOM
     except UnicodeDecodeError:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tunesmith.data.sources import sample_indices
 from tunesmith.errors import UserError
-from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel
 
 ANSWER_TOKENS = 128
@@ -42,12 +43,8 @@ def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system
     unique = sorted(set(instructions))
     gen = Generator(lm)
     cfg = SamplingConfig(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=seed)
-    answers = {}
-    for i in range(0, len(unique), BATCH):
-        part = unique[i : i + BATCH]
-        ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in part]
-        for q, c in zip(part, gen.complete_batch(ids, cfg)):
-            answers[q] = c.text.strip()
+    ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in unique]
+    answers = {q: c.text.strip() for q, c in zip(unique, gen.complete_many(ids, cfg, rows=BATCH))}
     rows = [{"query": q, "response": answers[q]} for q in instructions if answers[q]]
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

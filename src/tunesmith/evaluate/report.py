@@ -1,4 +1,5 @@
-"""`tunesmith eval`: did the new identity stick, and what general behaviour was lost?
+"""The identity + retention report (`tunesmith eval`, `sft --eval_identity`): did the new identity stick, and what
+general behaviour was lost?
 
 Identity: held-out identity questions (phrased unlike the training rows; Chinese and English; plus the user's
 own with --identity_questions) are answered greedily by the base and the tuned model.
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tunesmith.args import EvalArgs
 from tunesmith.errors import UserError
-from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import set_active_adapter
 
@@ -71,10 +72,7 @@ def batched_answers(lm: LoadedModel, prompts: list[list[dict]], system: str | No
     gen = Generator(lm)
     ids = [gen.chat_prompt(m, system) for m in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
-    out = []
-    for i in range(0, len(ids), BATCH):
-        out += [c.text for c in gen.complete_batch(ids[i : i + BATCH], cfg)]
-    return out
+    return [c.text for c in gen.complete_many(ids, cfg, rows=BATCH)]
 
 
 def identity_report(models: Models, questions: list[dict], new_terms: list[str], base_terms: list[str],
@@ -104,18 +102,14 @@ def retention_report(models: Models, prompts: list[dict], system: str | None) ->
     gen = Generator(base_lm)
     prompt_ids = [gen.chat_prompt(m, system) for m in msgs]
     cfg = SamplingConfig(max_new_tokens=RETENTION_TOKENS, temperature=0.0)
-    base_out = []
-    for i in range(0, len(prompt_ids), BATCH):
-        base_out += gen.complete_batch(prompt_ids[i : i + BATCH], cfg)
+    base_out = list(gen.complete_many(prompt_ids, cfg, rows=BATCH))
     # KL needs both models at once: with one adapter-switched model, score base then tuned per prompt.
     kls = []
     for p_ids, c in zip(prompt_ids, base_out):
         kls.append(_kl_switched(models, p_ids, c.token_ids))
     tuned_lm = models.use("tuned")
     tgen = Generator(tuned_lm)
-    tuned_out = []
-    for i in range(0, len(prompt_ids), BATCH):
-        tuned_out += tgen.complete_batch(prompt_ids[i : i + BATCH], cfg)
+    tuned_out = list(tgen.complete_many(prompt_ids, cfg, rows=BATCH))
     rows = []
     for p, b, t, kl in zip(prompts, base_out, tuned_out, kls):
         answers = p.get("answer") or []
@@ -153,7 +147,7 @@ def _kl_switched(models: Models, prompt_ids: list[int], answer_ids: list[int]) -
 
 
 def read_questions(path: Path) -> list[dict]:
-    from tunesmith.infer import read_prompts
+    from tunesmith.data.prompts import read_prompts
 
     return [{"question": r["messages"][-1]["content"], "lang": _lang(r["messages"][-1]["content"])}
             for r in read_prompts(path)]
@@ -233,34 +227,9 @@ def run_report(models: Models, new_terms: list[str], base_terms: list[str], syst
     return report
 
 
-def evaluate(args: EvalArgs) -> int:
-    from tunesmith.infer import load_for_generation
-
-    session = load_for_generation(args)
-    ck = session.ckpt_args
-    if session.adapters:
-        models = Models(session.lm, next(iter(session.adapters)))
-        ckpt = next(iter(session.adapters.values()))
-    elif ck.get("model") and ck.get("train_type") == "full":
-        from tunesmith.model.load import load_model
-
-        models = Models(session.lm, None, load_model(ck["model"], args.torch_dtype, session.lm.model.lm_head_weight.device))
-        ckpt = Path(args.model)
-    else:
-        raise UserError("eval compares a fine-tuned model with its base: pass --adapters CKPT (LoRA) or --model CKPT "
-                        "(a full fine-tuning checkpoint).")
-    new_terms = name_terms(args.model_name or ck.get("model_name") or [], args.model_author or ck.get("model_author") or [])
-    base_lm = models.use("base")
-    base_terms = list(args.base_identity) or base_identity_terms(base_lm.template.default_system)
-    out = Path(args.output_dir) if args.output_dir else ckpt / "eval"
-    run_report(models, new_terms, base_terms, session.system, out,
-               Path(args.identity_questions) if args.identity_questions else None)
-    return 0
-
-
 def report_for_checkpoint(ckpt: Path, out_dir: Path, lm: LoadedModel) -> dict:
     """Used by `sft --eval_identity true`: the model in memory carries the adapter just trained."""
-    from tunesmith.train.checkpoint import read_checkpoint_args
+    from tunesmith.runs import read_checkpoint_args
 
     ck = read_checkpoint_args(ckpt)
     models = Models(lm, "default")

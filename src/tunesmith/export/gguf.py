@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -33,22 +32,12 @@ from tunesmith.errors import UserError
 from tunesmith.export.hf import template_with_default_system
 from tunesmith.model.decoder import rope_inv_freq
 from tunesmith.model.gguf_file import GGUFFile
-from tunesmith.model.load import GGUF_TO_HF, LoadedModel
+from tunesmith.model.load import LoadedModel, hf_to_gguf_name
 from tunesmith.text.tokenizer import _PRE_SPLITS
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3"}
 MERGED_KEY = "tunesmith.merged_adapters"  # sha256 of every adapter merged into these weights (export/merge.py)
-
-_HF_TO_GGUF = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), g) for g, h in GGUF_TO_HF.items()]
-
-
-def hf_to_gguf_name(name: str) -> str | None:
-    for pat, g in _HF_TO_GGUF:
-        m = pat.match(name)
-        if m:
-            return g.format(i=m.group(1)) if m.groups() else g
-    return None
 
 
 def gguf_types():
@@ -172,14 +161,12 @@ def write_gguf(lm: LoadedModel, path: Path, gguf_type: str = "f16", system: str 
     w.add_name(name or lm.path.stem)
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
-    w.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)
-    w.add_uint32(f"{arch}.block_count", cfg.num_layers)
-    w.add_uint32(f"{arch}.feed_forward_length", cfg.intermediate_size)
-    w.add_uint32(f"{arch}.attention.head_count", cfg.num_heads)
-    w.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_kv_heads)
-    w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
-    w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+    sizes = {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+             "block_count": cfg.num_layers, "feed_forward_length": cfg.intermediate_size,
+             "attention.head_count": cfg.num_heads, "attention.head_count_kv": cfg.num_kv_heads,
+             "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
+    for key, value in sizes.items():
+        w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
     w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)

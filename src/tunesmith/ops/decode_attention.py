@@ -1,7 +1,7 @@
 """One-token attention over a static KV cache that reads only the slots each row has filled (Triton).
 
 A decode step attends each row's new query over its cached keys. The static cache has max_len slots per row so
-that one CUDA graph serves every step; the reference (`decoder.decode_attention`) reads all of them and masks the
+that one CUDA graph serves every step; the reference (`decode/static.decode_attention`) reads all of them and masks the
 unfilled ones, which at 16 rows x 2,048 slots was 3.4 of an 8.1 ms step on the H200. Here each row attends slots
 lo..hi (device tensors, so the graph stays the same from step to step) and the GPU reads just those:
 
@@ -16,10 +16,11 @@ which is how the CPU tests compare them with the reference.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+
+from tunesmith.ops.launch import INTERPRETING
 
 
 class SlotRange(NamedTuple):
@@ -31,44 +32,19 @@ class SlotRange(NamedTuple):
     hi: torch.Tensor
 
 
-LOG2E = 1.4426950408889634  # the kernels use exp2: scores are scaled into log2 units
-ENABLED = True  # False: decode steps compiled from now on attend through the masked reference (benchmarks)
-
-# Triton's interpreter multiplies bf16 tiles wrongly (numpy has no bf16): there the tiles are widened first.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Programmatic dependent launch (Hopper and later GPUs): the decode step's Triton kernels (this one's, ops/gemv.py's,
-# ops/rope_write.py's) and inductor's are launched so that each may start while the kernel before it finishes; each
-# waits (griddepcontrol.wait) before it reads what that kernel wrote, and the one-row products stream their first
-# weight tile in before that wait.
-PDL = True  # False: decode steps compiled from now on launch their kernels one after another (benchmarks)
-_pdl_capable = False  # this machine's GPU can (load_kernels finds out)
-
 _kernels = None  # the kernels' module once load_kernels() imported it
-
-
-def pdl() -> bool:
-    """Whether decode kernels launch with programmatic dependent launch (after load_kernels, on Hopper or later)."""
-    return PDL and _pdl_capable
-
-
-def launch_options(pdl: bool) -> dict:
-    """The Triton launch options of a kernel launched with (or without) programmatic dependent launch."""
-    return {"launch_pdl": True} if pdl else {}
 
 
 def load_kernels() -> bool:
     """Import the kernels (call it outside compiled code: Generator does when it compiles on CUDA); False without
     triton."""
-    global _kernels, _pdl_capable
+    global _kernels
     if _kernels is None:
         try:
             from tunesmith.ops import decode_attention_kernels
         except ImportError:  # CPU installs without triton use the reference
             return False
         _kernels = decode_attention_kernels
-        _pdl_capable = (not INTERPRETING and torch.cuda.is_available()
-                        and torch.cuda.get_device_capability()[0] >= 9)
     return True
 
 
@@ -76,7 +52,7 @@ def usable(device: torch.device, head_dim: int) -> bool:
     """Whether a decode step should attend through the kernels: in a compiled step on CUDA (inside a CUDA graph
     the kernels cost nothing to launch; uncompiled decoding slices the cache to the filled length instead), or
     anywhere under Triton's interpreter (tests), once load_kernels() has run."""
-    if not ENABLED or _kernels is None or head_dim < 16 or head_dim & (head_dim - 1):
+    if _kernels is None or head_dim < 16 or head_dim & (head_dim - 1):
         return False
     return INTERPRETING or (device.type == "cuda" and torch.compiler.is_compiling())
 
@@ -84,18 +60,19 @@ def usable(device: torch.device, head_dim: int) -> bool:
 BLOCK_N = 128  # slots per block (bench/infer.py --parts attention: 128 beat 32 and 64 at 1 and 16 rows)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SlotRange, block_n: int | None = None,
-           splits: int | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SlotRange, pdl: bool = False,
+           block_n: int | None = None, splits: int | None = None) -> torch.Tensor:
     """q (B, H, 1, hd), k/v (B, n_kv, L, hd) with contiguous head_dim -> (B, H, 1, hd): each row over its span.
 
-    Splits default to enough programs to fill a large GPU (~256 of them), at most 16 and one per block."""
+    pdl: launch with programmatic dependent launch (ops/launch.py). Splits default to enough programs to fill a
+    large GPU (~256 of them), at most 16 and one per block."""
     B, n_kv, L = q.shape[0], k.shape[1], k.shape[2]
     block_n = block_n or BLOCK_N
     if splits is None:
         splits = min(16, 1 << (-(-256 // (B * n_kv)) - 1).bit_length(), -(-L // block_n))  # a power of 2
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     lo = span.hi if span.lo is None else span.lo  # not read when the kernels work it out
-    return _kernels.attend(q, k, v, lo, span.hi, block_n, max(1, splits), span.lo is None, pdl())
+    return _kernels.attend(q, k, v, lo, span.hi, block_n, max(1, splits), span.lo is None, pdl)
 
 
 if INTERPRETING:  # tests: every decode step attends through the kernels

@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tunesmith.ops.decode_attention import INTERPRETING, LOG2E, launch_options
+from tunesmith.ops.launch import INTERPRETING, launch_options
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: scores are scaled into log2 units
 
 
 @triton.jit

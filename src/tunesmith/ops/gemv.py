@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.ops.decode_attention import INTERPRETING, pdl
+from tunesmith.ops.launch import INTERPRETING
 
-ENABLED = True  # False: one-row products compiled from now on go through F.linear (benchmarks)
-# The decoder's products that take the kernel (bench/infer.py --parts steps --variants, H200, one row: step
+# The decoder's products that take the kernel (decode/static.Kernels.gemv_roles) (bench/infer.py --parts steps --variants, H200, one row: step
 # 4.51 ms with inductor's products, 4.13 with qkv and down through the kernel, 4.04 with all of them; fusing the
 # RMSNorm before a product into it as well made the products 0.24 ms slower per step, more than the 56 norm
 # kernels it removed: each program re-reads x for its sum of squares before its weights start streaming).
-ROLES = {"qkv", "o", "gate_up", "down", "lm_head"}
+ROLES = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
 
 _kernels = None  # the kernel's module once load_kernels() imported it
 
@@ -39,10 +38,10 @@ def load_kernels() -> bool:
     return True
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, role: str) -> bool:
-    """Whether x @ weight.T should run through the kernel: x holds exactly one row, weight is a contiguous
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T can run through the kernel: x holds exactly one row, weight is a contiguous
     half-precision (or fp32) matrix, no gradient is wanted, and this is a compiled CUDA step (or the interpreter)."""
-    if not ENABLED or role not in ROLES or _kernels is None or torch.is_grad_enabled():
+    if _kernels is None or torch.is_grad_enabled():
         return False
     if x.numel() != weight.shape[-1] or x.stride(-1) != 1 or not weight.is_contiguous() or weight.dtype != x.dtype:
         return False
@@ -60,12 +59,12 @@ def tiles(n: int, k: int) -> tuple[int, int, int, int]:
     return 4, 512, 8 if k >= 8192 else 4, 1
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str) -> torch.Tensor:
-    """F.linear(x, weight, bias); through the kernel when x is one row and `role` (the decoder's name for the
-    product: qkv, o, gate_up, down, lm_head) is in ROLES."""
-    if not usable(x, weight, role):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias); through the kernel where it can (usable). pdl: launch with programmatic
+    dependent launch (ops/launch.py)."""
+    if not usable(x, weight):
         return F.linear(x, weight, bias)
-    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape), pdl())
+    return _kernels.gemv(x, weight, bias, *tiles(*weight.shape), pdl)
 
 
 if INTERPRETING:  # tests: one-row products run through the kernel

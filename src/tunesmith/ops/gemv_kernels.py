@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunesmith.ops.decode_attention import INTERPRETING, launch_options
+from tunesmith.ops.launch import INTERPRETING, launch_options
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _gemv(X, W, BIAS, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.con
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     start = 0
-    if PDL:  # launched early (ops/decode_attention.pdl): W is no kernel's output, so its first tile streams in
+    if PDL:  # launched early (ops/launch.py): W is no kernel's output, so its first tile streams in
         k = tl.arange(0, BLOCK_K)  # while the kernel before finishes; x (its output) is read after the wait
         if EVEN:
             w = tl.load(W + n[:, None] * stride_w + k[None, :], eviction_policy="evict_first")

@@ -12,9 +12,8 @@ to the output, k heads (and the v head beside them) into the cache at the row's 
 
 from __future__ import annotations
 
-from tunesmith.ops.decode_attention import INTERPRETING, pdl
+from tunesmith.ops.launch import INTERPRETING
 
-ENABLED = True  # False: decode steps compiled from now on rotate and write the cache as inductor compiles it
 _kernels = None
 
 
@@ -30,16 +29,16 @@ def load_kernels() -> bool:
     return True
 
 
-def rope_write(q, k, v, cos, sin, k_cache, v_cache, pos):
+def rope_write(q, k, v, cos, sin, k_cache, v_cache, pos, pdl: bool = False):
     """q (B, 1, H, hd), k/v (B, 1, n_kv, hd) (views of the fused q/k/v product; last dim contiguous), cos/sin
     (B, 1, hd), caches (B, n_kv, L, hd), pos (B, 1) -> rotated q as (B, H, 1, hd); rotated k and v are written to
-    cache slot pos[b] of each row (the reference: Attention's rotation, then StaticKVCache.update)."""
-    return _kernels.rope_write(q, k, v, cos, sin, k_cache, v_cache, pos, pdl())
+    cache slot pos[b] of each row (the reference: the rotation, then StaticKVCache.update)."""
+    return _kernels.rope_write(q, k, v, cos, sin, k_cache, v_cache, pos, pdl)
 
 
 def available() -> bool:
-    """Whether decode steps (those that attend through ops/decode_attention's kernel) should use this one."""
-    return ENABLED and _kernels is not None
+    """Whether the kernel is loaded (decode steps that attend through ops/decode_attention's kernel use it)."""
+    return _kernels is not None
 
 
 if INTERPRETING:  # tests: every decode step through the kernels rotates and writes through this one

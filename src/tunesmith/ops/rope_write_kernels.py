@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunesmith.ops.decode_attention import launch_options
+from tunesmith.ops.launch import launch_options
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""`tunesmith deploy`: an OpenAI-compatible API and a web chat page, served by FastAPI + uvicorn.
+"""The OpenAI-compatible API and web chat page that `tunesmith deploy` serves (a FastAPI app; uvicorn runs it).
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (the chat page).
 The request's `model` picks what answers: the base model or one of its adapters, all on one copy of the base
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import socket
 import sys
 import threading
 import time
@@ -37,10 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.args import DeployArgs
 from tunesmith.errors import UserError
-from tunesmith.generate import Generator, SamplingConfig, with_defaults
-from tunesmith.infer import Session, load_for_generation, parse_adapter_specs, sampling_from
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig, with_defaults
+from tunesmith.runs import read_checkpoint_args
 from tunesmith.serve.engine import Engine, EngineBusy, Job, log
-from tunesmith.train.checkpoint import read_checkpoint_args
+from tunesmith.session import Session, sampling_from
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # 1 MiB of JSON is ~250k tokens of text, far past any context we serve
@@ -494,36 +494,3 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-# ---- the command -------------------------------------------------------------------------------------------
-
-def listen(host: str, port: int) -> socket.socket:
-    """Bind before loading, so a taken port is one clear sentence rather than a traceback minutes later."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host.")
-
-
-def deploy(args: DeployArgs) -> int:
-    import uvicorn
-
-    if not args.model and not args.adapters:
-        raise UserError("no --model or --adapters given; pass a model folder, a .gguf file, 'smollm2-135m-instruct' "
-                        "or LoRA checkpoints (NAME=CKPT).")
-    parse_adapter_specs(args.adapters)  # a wrong checkpoint path fails now, not after the server is up
-    sock = listen(args.host, args.port)
-    app = create_app(lambda: load_for_generation(args), args)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
-    backend: Backend = app.state.backend
-    backend.on_failure = lambda: setattr(server, "should_exit", True)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"tunesmith deploy: loading the model; OpenAI API at http://{host}:{args.port}/v1, "
-          f"chat page at http://{host}:{args.port}/ (GET /health turns 200 when ready)", flush=True)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is a normal stop
-        pass
-    return 1 if backend.error else 0

@@ -22,7 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from tunesmith.errors import UserError
-from tunesmith.generate import DecodeSlots, Generator, SamplingConfig
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
+from tunesmith.decode.slots import DecodeSlots
 
 log = logging.getLogger("tunesmith.serve")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from tunesmith.errors import UserError
+from tunesmith.files import read_json
 
 # How a byte-level BPE vocabulary splits text before merging, by GGUF `tokenizer.ggml.pre` name.
 # These are the published pre-tokenizer regexes of each family (llama.cpp's llama-vocab.cpp lists the same).
@@ -122,13 +123,3 @@ def _token_text(v) -> str | None:
     if isinstance(v, dict):  # {"content": "<|im_end|>", ...} in older tokenizer_config files
         return v.get("content")
     return v
-
-
-def read_json(path: Path):
-    """json.load with one clear sentence on failure (file, line and column)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file.")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror}).")

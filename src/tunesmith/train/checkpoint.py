@@ -1,10 +1,5 @@
-"""Where a checkpoint is written: run folders laid out as ms-swift does, atomic checkpoint writes, rotation.
-
-  <output_dir>/v<N>-<YYYYMMDD-HHMMSS>/
-      args.json  logging.jsonl  runs/ (TensorBoard)  loss.png
-      checkpoint-<step>/   LoRA: adapter_config.json + adapter_model.safetensors   full: an HF model folder
-                           + args.json (base model, template, system) + trainer_state.pt (optimizer,
-                           scheduler step, RNG, data position) for --resume_from_checkpoint
+"""Where a checkpoint is written: atomic checkpoint writes into the run folder (runs.py), rotation, the trainer
+state a resume reads back.
 
 A checkpoint is written into `.checkpoint-<step>.tmp` and renamed into place, so a crash never leaves a half
 checkpoint where a resume or `infer --adapters` would find it.
@@ -12,38 +7,15 @@ checkpoint where a resume or `infer --adapters` would find it.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.text.tokenizer import read_json
 
-ARGS_FILE = "args.json"
 STATE_FILE = "trainer_state.pt"
-
-
-def new_run_dir(output_dir: str | Path, add_version: bool = True) -> Path:
-    out = Path(output_dir)
-    if not add_version:
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    versions = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"v(\d+)-", p.name))]
-    run = out / f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.mkdir()
-    return run
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, write_files, keep: int | None, best: Path | None) -> Path:
@@ -75,14 +47,6 @@ def rotate_checkpoints(run_dir: Path, keep: int | None, best: Path | None) -> No
     others = [c for c in ckpts if c not in protected]
     for c in others[: max(len(others) - room, 0)]:
         shutil.rmtree(c, ignore_errors=True)
-
-
-def read_checkpoint_args(ckpt: Path) -> dict:
-    """The args.json a tunesmith (or ms-swift) checkpoint carries; {} when it has none."""
-    for p in (Path(ckpt) / ARGS_FILE, Path(ckpt).parent / ARGS_FILE):
-        if p.is_file():
-            return read_json(p)
-    return {}
 
 
 def save_trainer_state(path: Path, state: dict) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import sys
 
 from tunesmith.args import DemoArgs, SftArgs
-from tunesmith.generate import Generator, SamplingConfig
+from tunesmith.commands.sft import run_sft
+from tunesmith.decode.generator import Generator
+from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import load_model, pick_device
 from tunesmith.model.lora import set_active_adapter
-from tunesmith.train.loop import run_sft
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["Who are you?", "你是谁？"]
@@ -38,7 +39,7 @@ DEMO_RECIPE = dict(
 def ask(lm, system: str) -> list[str]:
     gen = Generator(lm)
     ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in QUESTIONS]
-    return [c.text.strip() for c in gen.complete_batch(ids, SamplingConfig(max_new_tokens=48, temperature=0.0))]
+    return [c.text.strip() for c in gen.complete_many(ids, SamplingConfig(max_new_tokens=48, temperature=0.0))]
 
 
 def show(title: str, answers: list[str]) -> None:

@@ -1,0 +1,186 @@
+"""`tunesmith sft`: load the data and the model, train (train/loop.py's Trainer), write the run folder, and say
+what to do with the checkpoint (the vLLM check, the identity report with --eval_identity)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunesmith.args import SftArgs
+from tunesmith.data.packing import encode_dataset
+from tunesmith.errors import UserError
+from tunesmith.files import write_json
+from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, pick_device
+from tunesmith.runs import ARGS_FILE, new_run_dir
+from tunesmith.train import distributed
+from tunesmith.train.checkpoint import check_resumable
+from tunesmith.train.loop import Trainer, peak_memory_gib, resolve_defaults, trainable_parameters
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_training_data(args: SftArgs):
+    """(train convs, val convs, distill specs) — before the model loads, so bad data fails fast."""
+    from tunesmith.data import self_cognition as sc
+    from tunesmith.data.sources import load_datasets, split_dataset
+
+    name, author = sc.parse_name_author(args.model_name or None), sc.parse_name_author(args.model_author or None)
+    if not args.dataset:
+        raise UserError("no --dataset given; pass a file or folder (JSON, JSONL, CSV, Parquet) or 'self-cognition'.")
+    distill = [d for d in args.dataset if d.split("#")[0] == "general-distill"]
+    plain = [d for d in args.dataset if d not in distill]
+    train = load_datasets(plain, args.data_seed, name, author) if plain else []
+    val = load_datasets(args.val_dataset, args.data_seed, name, author) if args.val_dataset else []
+    sc.check_no_placeholders(train, "--dataset")
+    sc.check_no_placeholders(val, "--val_dataset")
+    if not val and args.split_dataset_ratio > 0:
+        train, val = split_dataset(train, args.split_dataset_ratio, args.data_seed)
+    return train, val, distill
+
+
+def prewarm() -> None:
+    """Imports the run needs later, made while the model loads (shard reads and host-to-GPU copies leave the
+    interpreter free): the run log's TensorBoard, the loss plot's matplotlib. (torch._dynamo is not needed
+    unless the run compiles: train/optim.py.)"""
+    import importlib
+
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+        importlib.import_module("matplotlib").use("Agg")  # the plot's backend (RunLog.plot): no display
+        importlib.import_module("matplotlib.pyplot")
+    except Exception:  # noqa: BLE001  (a missing optional module is imported, and reported, where used)
+        pass
+
+
+class Phases:
+    """Wall seconds of a run's phases, for summary.json: `startup` is from the process's start (Python and the
+    imports) to the run's; each `mark(name)` closes the phase since the previous mark."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+        started = process_start_time()
+        if started is not None:
+            self.seconds["startup"] = round(self._last - started, 2)
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def process_start_time() -> float | None:
+    """This process's start as a Unix time (Linux /proc, 10 ms resolution); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # seconds since boot, now
+        return time.time() - uptime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # stat field 22: start, ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sft(args: SftArgs) -> int:
+    try:
+        run_sft(args)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -> Trainer:
+    """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy)."""
+    phases = Phases()
+    args = resolve_defaults(args)
+    seed_everything(args.seed)
+    device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
+    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if resume is not None:
+        check_resumable(resume)  # before the data and the model load
+    train_convs, val_convs, distill = load_training_data(args)
+    phases.mark("data")
+    if not args.model:
+        raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
+    if lm is None:
+        # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: beside its importing thread the
+        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on 2 cores, as slow as bf16's (CI of session 18).
+        dtype, note = cpu_compute_dtype(args.torch_dtype, device)
+        if note and not quiet:
+            print(note, file=sys.stderr)
+        warm = threading.Thread(target=prewarm, daemon=True)
+        warm.start()
+        lm = load_model(args.model, dtype, device)
+        warm.join()
+    phases.mark("load")
+    if args.template:
+        from tunesmith.session import override_template
+
+        override_template(lm, args.template)
+    run_dir = resume.parent if resume is not None else distributed.on_main(
+        lambda: new_run_dir(args.output_dir, args.add_version))
+    if distill:
+        from tunesmith.evaluate.distill import general_distill
+
+        for spec in distill:
+            train_convs += distributed.on_main(lambda: general_distill(lm, spec, run_dir, args.data_seed, args.system))
+    train, dropped = encode_dataset(train_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
+    val, dropped_val = encode_dataset(val_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
+    if not train:
+        raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
+                        f"{args.max_length} or have no assistant answer.")
+    phases.mark("encode")
+    trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
+    phases.mark("setup")
+    main = trainer.dp.is_main  # rank 0 alone writes and talks
+    if main:
+        write_json(run_dir / ARGS_FILE, trainer.checkpoint_args())
+    n_params = sum(p.numel() for p in trainable_parameters(lm.model))
+    say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr))
+    say(f"run: {run_dir}")
+    say(f"data: {len(train)} training samples, {len(val)} eval samples"
+        + (f"; {dropped + dropped_val} dropped (over --max_length {args.max_length} or no answer)" if dropped + dropped_val else ""))
+    say(f"model: {lm.path} on {device} ({next(lm.model.parameters()).dtype}); trainable parameters {n_params:,} "
+        f"({args.train_type}); {trainer.total_steps} steps of {trainer.group} samples, lr {args.learning_rate}")
+    if trainer.dp.world > 1:
+        say(f"data parallel: {trainer.dp.world} processes ({trainer.dp.engine}); global batch {trainer.group} = "
+            f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+            f"{trainer.dp.world} processes")
+    if resume is not None:
+        trainer.resume(resume)
+        say(f"resumed at step {trainer.step} from {resume}")
+    t0 = time.time()
+    last = trainer.fit()
+    trainer.seconds = time.time() - t0
+    phases.mark("fit")
+    summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1), "phases_s": phases.seconds,
+               "peak_memory_gib": round(peak_memory_gib(device), 3), "last_checkpoint": str(last),
+               "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
+               "final_loss": trainer.losses[-1] if trainer.losses else None}
+    if main:
+        write_json(run_dir / "summary.json", summary)
+    say(f"done: {summary['steps']} steps in {summary['seconds']} s, peak memory {summary['peak_memory_gib']} GiB")
+    say(f"checkpoint: {last}")
+    flag = "--adapters" if args.train_type == "lora" else "--model"
+    say(f"try it:  tunesmith infer {flag} {last} --stream true --temperature 0 --max_new_tokens 2048")
+    if args.train_type == "lora":
+        from tunesmith.export.vllm_check import vllm_report
+
+        say(vllm_report(last))
+    if args.eval_identity and args.train_type == "lora" and main:
+        from tunesmith.evaluate.report import report_for_checkpoint
+
+        report_for_checkpoint(last, run_dir / "eval", lm)
+    elif args.eval_identity:
+        say(f"identity report: run  tunesmith eval --model {last}")
+    trainer.last_checkpoint = last
+    return trainer
