@@ -267,35 +267,26 @@ def tokenizer_config() -> dict:
 
 
 def random_state_dict(config: dict, seed: int = 0) -> dict:
-    """HF Qwen2ForCausalLM tensor names and shapes for `config`, random values, in the config's dtype."""
+    """HF Qwen2ForCausalLM tensors for `config` as transformers initializes a fresh model (N(0, 0.02) matrices, zero
+    q/k/v biases, unit norms) under `seed`, in the config's dtype: the numerics of a freshly made HF model, which
+    the tests' tolerances (float32 training on 1 vs 2 processes, parity with transformers) are set for."""
     import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    gen = torch.Generator().manual_seed(seed)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = hidden // heads
-    std = config["initializer_range"]
-
-    def normal(*shape, mean=0.0, scale=std):
-        return torch.randn(*shape, generator=gen) * scale + mean
-
-    state = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        state[p + "input_layernorm.weight"] = normal(hidden, mean=1.0, scale=0.1)
-        for name, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
-            state[p + f"self_attn.{name}_proj.weight"] = normal(rows, hidden)
-            state[p + f"self_attn.{name}_proj.bias"] = normal(rows)
-        state[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
-        state[p + "post_attention_layernorm.weight"] = normal(hidden, mean=1.0, scale=0.1)
-        state[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
-        state[p + "mlp.up_proj.weight"] = normal(inter, hidden)
-        state[p + "mlp.down_proj.weight"] = normal(hidden, inter)
-    state["model.norm.weight"] = normal(hidden, mean=1.0, scale=0.1)
-    if not config["tie_word_embeddings"]:
-        state["lm_head.weight"] = normal(config["vocab_size"], hidden)
+    hf = Qwen2Config(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "model_type",
+                                                                     "transformers_version")})
     dtype = getattr(torch, config["torch_dtype"])
-    return {k: v.to(dtype).contiguous() for k, v in state.items()}
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Qwen2ForCausalLM(hf)
+    finally:
+        torch.set_default_dtype(previous)
+    state = model.to(dtype).state_dict()
+    if config["tie_word_embeddings"]:
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 # ---- the folder ----------------------------------------------------------------------------------------------
