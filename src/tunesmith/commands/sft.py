@@ -8,6 +8,7 @@ import random
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,14 @@ from tunesmith.args import SftArgs
 from tunesmith.data.packing import encode_dataset
 from tunesmith.errors import UserError
 from tunesmith.files import write_json
-from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, pick_device
+from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, parse_dtype, pick_device
 from tunesmith.runs import ARGS_FILE, new_run_dir
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import check_resumable
-from tunesmith.train.loop import Trainer, peak_memory_gib, resolve_defaults, trainable_parameters
+from tunesmith.train.precision import checkpoint_dtype, training_dtype
+from tunesmith.train.loop import (PAD_MULTIPLE, Trainer, peak_memory_gib, planned_steps, resolve_defaults,
+                                  trainable_parameters)
+from tunesmith.train.plan import Plan, device_budget_gib, plan_run
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +94,32 @@ def process_start_time() -> float | None:
         return None
 
 
+def plan_training(args: SftArgs, lm: LoadedModel, train: list, device) -> Plan:
+    """The memory plan (train/plan.py) for these samples on this device: rows as the trainer will pack them."""
+    lengths = sorted((len(s.input_ids) for s in train), reverse=True)
+    group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    row = min(max(args.max_length, lengths[0]), sum(lengths[:group])) if args.packing else lengths[0]
+    steps = planned_steps(args, len(train), torch.distributed.get_world_size() if distributed.active() else 1)
+    tokens = steps * group * sum(lengths) / len(lengths)
+    row_lengths = len({-(-min(n, row) // PAD_MULTIPLE) for n in lengths})
+    return plan_run(lm.config, budget_gib=device_budget_gib(device), row_tokens=row, planned_tokens=tokens,
+                    row_lengths=row_lengths, train_type=args.train_type, lora_rank=args.lora_rank,
+                    checkpointing=args.gradient_checkpointing, compile=args.torch_compile,
+                    on_gpu=device.type == "cuda")
+
+
+def out_of_memory(trainer: Trainer, plan: Plan, run_dir: Path) -> str:
+    """The one sentence for a CUDA out-of-memory error during training."""
+    peak = peak_memory_gib(trainer.device)
+    saved = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    kept = f"the checkpoints already written are intact (last: {saved[-1]})" if saved else "no checkpoint was written yet"
+    less = [] if plan.checkpointing else ["--gradient_checkpointing true"]
+    less += [f"--max_length {max(256, trainer.args.max_length // 2)}"]
+    return (f"the GPU ran out of memory at step {trainer.step + 1} of {trainer.total_steps} while training in "
+            f"{plan.mode} mode (estimated {plan.estimate_gib} GiB, peak {peak:.1f} GiB before the failure); "
+            f"{kept}; retry with {' or '.join(less)}.")
+
+
 def sft(args: SftArgs) -> int:
     try:
         run_sft(args)
@@ -113,8 +143,16 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
         # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: beside its importing thread the
-        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on 2 cores, as slow as bf16's (CI of session 18).
-        dtype, note = cpu_compute_dtype(args.torch_dtype, device)
+        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on the 2-core CI machine (2026-12-01), as slow
+        # as bf16's.
+        # bfloat16 (asked, or the checkpoint's) on a GPU below compute capability 8.0: float16 with loss scaling
+        # (train/precision.py); full fine-tuning in float16 is refused here, before the model loads.
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        dtype, note = training_dtype(parse_dtype(args.torch_dtype), checkpoint_dtype(args.model) if capability else None,
+                                     capability, args.train_type)
+        if note and not quiet:
+            print(note, file=sys.stderr)
+        dtype, note = cpu_compute_dtype(args.torch_dtype if dtype is None else dtype, device)
         if note and not quiet:
             print(note, file=sys.stderr)
         warm = threading.Thread(target=prewarm, daemon=True)
@@ -139,6 +177,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
                         f"{args.max_length} or have no assistant answer.")
     phases.mark("encode")
+    plan = plan_training(args, lm, train, device)
+    args = replace(args, gradient_checkpointing=plan.checkpointing, torch_compile=plan.compile)
     trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
     phases.mark("setup")
     main = trainer.dp.is_main  # rank 0 alone writes and talks
@@ -151,6 +191,8 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         + (f"; {dropped + dropped_val} dropped (over --max_length {args.max_length} or no answer)" if dropped + dropped_val else ""))
     say(f"model: {lm.path} on {device} ({next(lm.model.parameters()).dtype}); trainable parameters {n_params:,} "
         f"({args.train_type}); {trainer.total_steps} steps of {trainer.group} samples, lr {args.learning_rate}")
+    if device.type == "cuda":
+        say(plan.line())
     if trainer.dp.world > 1:
         say(f"data parallel: {trainer.dp.world} processes ({trainer.dp.engine}); global batch {trainer.group} = "
             f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
@@ -159,7 +201,10 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
         trainer.resume(resume)
         say(f"resumed at step {trainer.step} from {resume}")
     t0 = time.time()
-    last = trainer.fit()
+    try:
+        last = trainer.fit()
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory(trainer, plan, run_dir)) from None
     trainer.seconds = time.time() - t0
     phases.mark("fit")
     summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1), "phases_s": phases.seconds,

@@ -99,27 +99,22 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The config.json dict (used when writing merged / fully fine-tuned models)."""
         out = dict(self.extra)
-        out.update(
-            architectures=[self.architecture],
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            tie_word_embeddings=self.tie_embeddings,
-        )
+        out.update({hf: getattr(self, ours) for ours, hf in HF_FIELDS.items()}, architectures=[self.architecture])
         out.setdefault("model_type", {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                                       "MistralForCausalLM": "mistral"}.get(self.architecture, "llama"))
         out.setdefault("hidden_act", "silu")
         if self.architecture in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
             out["attention_bias"] = self.attention_bias
         return out
+
+
+# ModelConfig field -> its config.json name, for the fields written back as they are
+HF_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta", "rope_scaling": "rope_scaling", "tie_embeddings": "tie_word_embeddings",
+}
 
 
 def _rope_scaling(cfg: dict) -> dict | None:

@@ -7,8 +7,8 @@ filled by plain reads (which release the GIL) in chunks spread over a thread poo
 staging buffers, two per worker, whose async copies run on the worker's stream while it reads the next chunk.
 RAM never holds a second full copy. Why: on the H200 a fresh process took 4.5 s (safe_open onto the GPU) or 3.2 s
 (mmap + .to(device), one thread per shard) for a 15 GB Qwen2.5-7B that a warm process loads in 1.5 s (mmap page
-faults, pageable host->GPU copies staged by the driver); this path took 1.7-1.8 s there (bench/load_overlap.py,
-session 18).
+faults, pageable host->GPU copies staged by the driver); this path took 1.7-1.8 s there
+(bench/load_overlap.py --model-dir DIR, 2026-12-01).
 GGUF files: metadata and tensors come from gguf_file.GGUFFile (tensors dequantized one at a time); names go
 through GGUF_TO_HF.
 """
@@ -154,7 +154,7 @@ _cpu_rates: dict[torch.dtype, tuple[float, float]] = {}  # dtype -> (its, float3
 def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | torch.dtype | None, str | None]:
     """The dtype to train in on `device`, and a note when it is not the one asked for: on a CPU whose bfloat16 /
     float16 matrix products are far slower than float32's (no native instructions: 1.2 against 89 GFLOP/s on an
-    AVX2-only EPYC, session 18, where the tutorial's 10 bf16 steps of SmolLM2-135M took 20 minutes), float32.
+    AVX2-only EPYC, 2026-12-01, where the tutorial's 10 bf16 steps of SmolLM2-135M took 20 minutes), float32.
     Measured once per process with a 64 x 256 x 256 product (milliseconds), so call it while no other thread of
     the process is busy: beside an importing thread, float32's product measured 0.5 GFLOP/s on this 2-core CPU."""
     want = parse_dtype(dtype)
@@ -413,6 +413,30 @@ def _load_gguf(path: Path, dtype, device) -> LoadedModel:
     gf = GGUFFile(path)
     meta, tensors = gf.metadata, gf.tensors
     arch = meta.get("general.architecture")
+    raw = _gguf_config(meta, tensors, path)
+    heads, kv_heads = raw["num_attention_heads"], raw["num_key_value_heads"]
+    cfg = ModelConfig.from_hf(raw, str(path))
+    state = {}
+    for name in tensors:
+        hf = gguf_to_hf_name(name)
+        if hf is None:
+            raise UserError(f"{path}: tensor '{name}' has no HF equivalent; this GGUF layout is not supported.")
+        w = gf.read(name)  # float32, torch order (rows, cols)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama.cpp's converter interleaves the rotary halves of q/k rows for llama; undo it.
+            n = heads if "attn_q" in name else (kv_heads or heads)
+            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        state[hf] = w.to(device=device, dtype=dtype)
+    model = _assign_state(cfg, state, device, str(path))
+    tokenizer = Tokenizer.from_gguf(meta)
+    template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer)
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return _finish(model, tokenizer, template, path, {"eos_token_id": [int(eos)] if eos is not None else []})
+
+
+def _gguf_config(meta: dict, tensors: dict, path: Path) -> dict:
+    """The config.json dict a GGUF file's metadata describes."""
+    arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UserError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(GGUF_ARCHITECTURES)}).")
     if "token_embd.weight" not in tensors:
@@ -437,20 +461,16 @@ def _load_gguf(path: Path, dtype, device) -> LoadedModel:
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
     }
-    cfg = ModelConfig.from_hf(raw, str(path))
-    state = {}
-    for name in tensors:
-        hf = gguf_to_hf_name(name)
-        if hf is None:
-            raise UserError(f"{path}: tensor '{name}' has no HF equivalent; this GGUF layout is not supported.")
-        w = gf.read(name)  # float32, torch order (rows, cols)
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            # llama.cpp's converter interleaves the rotary halves of q/k rows for llama; undo it.
-            n = heads if "attn_q" in name else (kv_heads or heads)
-            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-        state[hf] = w.to(device=device, dtype=dtype)
-    model = _assign_state(cfg, state, device, str(path))
-    tokenizer = Tokenizer.from_gguf(meta)
-    template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return _finish(model, tokenizer, template, path, {"eos_token_id": [int(eos)] if eos is not None else []})
+    return raw
+
+
+def model_config(name: str | Path) -> ModelConfig:
+    """The model's shapes, read from config.json or the GGUF metadata without loading any weight (the memory
+    planner's input, before the model loads)."""
+    path = resolve_model_path(name)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        gf = GGUFFile(path)
+        return ModelConfig.from_hf(_gguf_config(gf.metadata, gf.tensors, path), str(path))
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; give the folder that holds config.json and the *.safetensors files.")
+    return ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))

@@ -22,6 +22,7 @@ import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imp
 
 from tunesmith.args import SftArgs, to_dict
 from tunesmith.data.packing import Sample, pack_samples
+from tunesmith.errors import UserError
 from tunesmith.files import write_json
 from tunesmith.model.load import LoadedModel, load_model
 from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter, stack_lora_inputs
@@ -32,6 +33,7 @@ from tunesmith.train.distributed import DataParallel, SilentLog
 from tunesmith.train.logs import RunLog
 from tunesmith.train.loss import chunked_cross_entropy_sum
 from tunesmith.train.optim import AdamW
+from tunesmith.train.precision import FULL_FP16_REFUSED, LossScaler
 
 
 def resolve_defaults(args: SftArgs) -> SftArgs:
@@ -69,29 +71,42 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def planned_steps(args: SftArgs, samples: int, world: int = 1) -> int:
+    """Optimizer steps of a run: --max_steps, or epochs x ceil(samples / (batch x accumulation x processes))."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    group = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    return max(1, math.ceil(math.ceil(samples / group) * args.num_train_epochs))
+
+
 class Trainer:
     def __init__(self, args: SftArgs, lm: LoadedModel, train: list[Sample], val: list[Sample], run_dir: Path,
-                 device: torch.device, quiet: bool = False):
+                 device: torch.device, quiet: bool = False, loss_scaler: LossScaler | None = None):
+        """loss_scaler: the dynamic loss scaling of a float16 run (default LossScaler(): GradScaler's settings);
+        unused unless the model computes in float16 (train/precision.py)."""
         self.args, self.lm, self.run_dir, self.device = args, lm, run_dir, device
         self.model = lm.model
+        # float16 compute: the gradients (LoRA's fp32 A/B's too, through fp16 activations) under- or overflow
+        # without loss scaling; full fine-tuning would also lose its updates in fp16 weights, so it is refused.
+        self.scaler = None
+        if self.model.lm_head_weight.dtype == torch.float16:
+            if args.train_type == "full":
+                raise UserError(FULL_FP16_REFUSED)
+            self.scaler = loss_scaler if loss_scaler is not None else LossScaler()
         self.model.reset_inputs()  # generation's fused q/k/v and gate/up (distill, an earlier eval) go
         self.train_samples, self.val_samples = train, val
         self.dp = DataParallel(device)  # rank 0 of 1 in one process (train/distributed.py)
         self.group = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dp.world
         self.steps_per_epoch = math.ceil(len(train) / self.group)
-        if args.max_steps and args.max_steps > 0:
-            self.total_steps = args.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(self.steps_per_epoch * args.num_train_epochs))
+        self.total_steps = planned_steps(args, len(train), self.dp.world)
         self.warmup = math.ceil(args.warmup_ratio * self.total_steps)
-        self.checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None \
-            else auto_checkpointing(self.model, device)
-        self.compiled = args.torch_compile if args.torch_compile is not None \
-            else auto_compile(device, self.total_steps * self.group * mean_length(train))
+        # what the memory planner (train/plan.py) or the user chose; unset: neither (the CPU, tests)
+        self.checkpointing = bool(args.gradient_checkpointing)
+        self.compiled = bool(args.torch_compile)
         if self.compiled:
-            # bench/train.py on the H200, 4x2048: 13.3k tok/s eager, 17.4k compiled (16.0k with rows one by one,
-            # as here; session 21). Static shapes: rows are padded to a multiple of PAD_MULTIPLE tokens, each
-            # length compiles once (recompiles allowed for all of them).
+            # bench/train.py --steps 4 --cases 4x2048 4x2048+compile 4x2048seq+compile on the H200 (2026-12-02):
+            # 13.3k tok/s eager, 17.4k compiled (16.0k with rows one by one, as here). Static shapes: rows are
+            # padded to a multiple of PAD_MULTIPLE tokens, each length compiles once (recompiles allowed for all).
             self.model.compile_layers(dynamic=False)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        4 * (args.max_length // PAD_MULTIPLE + 1))
@@ -182,22 +197,34 @@ class Trainer:
         for row, real, last in dp.lockstep(rows):
             with dp.grad_sync(last):
                 s, n = self.loss_sum([row])
-                (s * (dp.world if real else 0) / n_sup).backward()
+                loss = s * (dp.world if real else 0) / n_sup
+                (loss if self.scaler is None else loss * self.scaler.scale).backward()
             if real:
                 loss_acc += s.detach()
                 n_tokens += n
         loss_total, n_tokens = dp.sum(loss_acc.item()), dp.sum(n_tokens)
         params = trainable_parameters(self.model)
+        if self.scaler is not None:
+            self.scaler.unscale_(params)
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        self.optimizer.step()
+        # Loss scaling: the norm is not finite exactly when some gradient is (the same on every rank: DDP averaged
+        # them); then the step is skipped, the scale halves, and the step counter still advances.
+        skipped = self.scaler is not None and not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.time() - t0
-        return {"loss": loss_total / n_sup, "grad_norm": grad_norm, "learning_rate": lr,
-                "epoch": round(self.step / self.steps_per_epoch, 4), "tokens": n_tokens, "seconds": dt}
+        out = {"loss": loss_total / n_sup, "grad_norm": grad_norm, "learning_rate": lr,
+               "epoch": round(self.step / self.steps_per_epoch, 4), "tokens": n_tokens, "seconds": dt}
+        if self.scaler is not None:
+            out.update(skipped=skipped, loss_scale=self.scaler.scale)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -249,6 +276,7 @@ class Trainer:
                 "rank_rng": rank_rng,
                 "log": self.log.records,
                 "best": None if self.best is None else [self.best[0], self.best[1].name],
+                "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             })
 
         path = self.run_dir / f"checkpoint-{self.step}"
@@ -282,6 +310,8 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.log.records = list(state.get("log", []))
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
         if state.get("best"):
             self.best = (state["best"][0], self.run_dir / state["best"][1])
 
@@ -301,10 +331,16 @@ class Trainer:
             tps = window_tokens / max(window_time, 1e-9)
             self.log.progress(self.step, out["loss"], tps)
             done = self.step == self.total_steps
-            if self.step % args.logging_steps == 0 or done or self.step == 1:
-                self.log.log(self.step, {"loss": sum(window_loss) / len(window_loss), "grad_norm": out["grad_norm"],
-                                         "learning_rate": out["learning_rate"], "epoch": out["epoch"],
-                                         "tokens_per_second": round(tps, 1), "memory(GiB)": round(peak_memory_gib(self.device), 3)})
+            skipped = out.get("skipped", False)
+            if self.step % args.logging_steps == 0 or done or self.step == 1 or skipped:
+                record = {"loss": sum(window_loss) / len(window_loss), "grad_norm": out["grad_norm"],
+                          "learning_rate": out["learning_rate"], "epoch": out["epoch"],
+                          "tokens_per_second": round(tps, 1), "memory(GiB)": round(peak_memory_gib(self.device), 3)}
+                if "loss_scale" in out:  # float16: the scale after this step; a skipped step says so (HF's way)
+                    record["loss_scale"] = out["loss_scale"]
+                if skipped:  # inf/nan gradients: no optimizer step; the norm is logged as null (strict JSON)
+                    record.update(grad_norm=None, skipped="inf/nan gradients: optimizer step skipped, loss scale halved")
+                self.log.log(self.step, record)
                 window_tokens, window_time, window_loss = 0, 0.0, []
             eval_loss = None
             if self.val_samples and (self.step % args.eval_steps == 0 or done):
@@ -320,29 +356,7 @@ class Trainer:
         return last_ckpt
 
 
-def auto_checkpointing(model, device: torch.device) -> bool:
-    """Recompute activations when the GPU could not hold them: a 4x2048 LoRA step without checkpointing peaks
-    at ~3.3x the weight bytes (Qwen2.5-7B: 50.5 GiB for 15.2 GB of weights, bench/train.py), with it ~1.2x."""
-    if device.type != "cuda":
-        return False
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    free, _ = torch.cuda.mem_get_info(device)
-    return free < 4 * weights
-
-
-# Compiling the layers costs tens of seconds once and saves ~15 us per token (bench/train.py on the H200: 13.3k
-# -> 16.5k tok/s at 4x2048), so it pays from a few million tokens on; the tutorial's seed job (8 short rows x 10
-# epochs, ~10k tokens) would spend most of its wall time compiling.
-COMPILE_PAYS_TOKENS = 3_000_000
 PAD_MULTIPLE = 256  # compiled runs see rows of few distinct lengths: max_length / 256 at most
-
-
-def auto_compile(device: torch.device, planned_tokens: float) -> bool:
-    return device.type == "cuda" and planned_tokens >= COMPILE_PAYS_TOKENS
-
-
-def mean_length(samples: list[Sample]) -> float:
-    return sum(len(s.input_ids) for s in samples) / max(1, len(samples))
 
 
 def peak_memory_gib(device: torch.device) -> float:
