@@ -3,7 +3,8 @@
 # x86-64, into .whl/ (git-ignored through .git/info/exclude). Then, in the device command (carry .whl):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site:src
-# Session 18's server run failed on `import uvicorn` without them; session 20's on fastapi's `import opentelemetry`.
+# Without them `bench/infer.py --parts server` fails on `import uvicorn`, and without opentelemetry-api on
+# fastapi's `import opentelemetry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude

@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python bench/infer.py --model-dir DIR [--parts load decode server] [--layers 28]
 
-DIR holds a Qwen2.5-7B-Instruct config and tokenizer (../shared/tools/make_qwen25_dir.py --full --no-weights);
+DIR holds a Qwen2.5-7B-Instruct config.json and tokenizer files (from any Qwen2.5-7B-Instruct download; the
+tokenizer files can also come from tests/qwen25_tiny.py's builder, which writes the same ones);
 random bf16 weights of those exact shapes are written into it first when it has none (speed does not depend on
 values). Parts:
   load    seconds to load the saved checkpoint onto the GPU, page cache warm: tunesmith's load_model vs
@@ -340,7 +341,7 @@ def bench_slots(model_dir: Path, streams: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if DEVICE != "cuda":
         return
-    # Host waits for the GPU inside the loop undo its pipelining (two were found this way, session 16): count what
+    # Host waits for the GPU inside the loop undo its pipelining (two were found this way, 2026-11-29): count what
     # torch's sync debug mode reports over a wave of greedy, sampled and penalized answers (0 expected).
     import warnings
 

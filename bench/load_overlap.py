@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/load_overlap.py --model-dir DIR [--device cuda]
 
 Each mode in a fresh process: `load` (tunesmith's load_model alone), `imports` (prewarm's imports alone),
-`load+imports` (both, as `tunesmith sft` runs them). Session 18 on the H200 (CUDA started first, 15.2 GB): load
+`load+imports` (both, as `tunesmith sft` runs them). On the H200 (2026-12-01, CUDA started first, 15.2 GB): load
 with safetensors' safe_open 4.49 s, mmap + torch.frombuffer + .to(device) one thread per shard 3.22 s (the `raw`
 modes this bench had then), imports 0.7 s, mostly overlapped (4.8 and 3.83 s together); that led to
 model/load.read_safetensors.

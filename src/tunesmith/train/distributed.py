@@ -1,4 +1,4 @@
-"""Data parallelism over several processes, through PyTorch's own engines (DESIGN.md, decision 9).
+"""Data parallelism over several processes, through PyTorch's own engines.
 
     NPROC_PER_NODE=2 tunesmith sft ...                  ms-swift's convention: the CLI re-runs itself under torchrun
     torchrun --nproc_per_node 2 -m tunesmith sft ...    the same, spelled out (multi-node: torchrun's own flags)

@@ -3,11 +3,12 @@
 
 Why not torch.optim: its Optimizer methods are wrapped in `torch._disable_dynamo`, so the first one called
 (`add_param_group`, in its constructor) imports torch._dynamo, and with it sympy and most of the compiler: 3.8 s of
-the tutorial's 10-step seed job on the H200 (session 17), for a run that never compiles. The update is the same
-kernel with the same arguments, so the parameters match torch.optim.AdamW(fused=True) bit for bit
-(tests/test_sft.py), and `state_dict()` has torch's layout (integer parameter ids, `step` / `exp_avg` /
-`exp_avg_sq`), so checkpoints load in either. LoRA runs use it; full fine-tuning keeps torch.optim (train/loop.py:
-its FSDP checkpoints hold DCP-sharded optimizer state, whose state-dict functions take only torch.optim's).
+the tutorial's 10-step seed job on the H200 (bench/seed_job.py --model-dir DIR --profile, 2026-12-01), for a run
+that never compiles. The update is the same kernel with the same arguments, so the parameters match
+torch.optim.AdamW(fused=True) bit for bit (tests/test_sft.py), and `state_dict()` has torch's layout (integer
+parameter ids, `step` / `exp_avg` / `exp_avg_sq`), so checkpoints load in either. LoRA runs use it; full
+fine-tuning keeps torch.optim (train/loop.py: its FSDP checkpoints hold DCP-sharded optimizer state, whose
+state-dict functions take only torch.optim's).
 """
 
 from __future__ import annotations
