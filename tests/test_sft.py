@@ -40,7 +40,7 @@ from tutorial_rows import TUTORIAL_ROWS
 BIN = Path(sys.executable).parent  # the venv's bin: `tunesmith` lives beside this python
 
 
-# MISSION.md step 3, character for character as the tutorial prints it.
+# The tutorial's step 3, character for character as the tutorial prints it.
 TUTORIAL_STEP3 = r"""
 CUDA_VISIBLE_DEVICES=0 swift sft --model Qwen2.5-7B-Instruct --train_type lora \
     --dataset self_cognition.json --torch_dtype bfloat16 --num_train_epochs 10 \
@@ -56,7 +56,7 @@ TUNESMITH_STEP3 = TUTORIAL_STEP3.replace(" swift sft ", " tunesmith sft ").repla
 
 # More training for the identity test. The tutorial's 10 steps at lr 1e-4 only start the descent (loss 3.05 -> 2.74);
 # one step is all 8 rows, so epochs = steps. Measured here (bf16, CPU; exact answers of 8 at temperature 0):
-# 40 epochs at 5e-4 (the issue's HF+PEFT recipe) -> loss 0.009, 8/8; 20 at 1e-3 -> 7/8; 25 at 1e-3 -> 8/8;
+# 40 epochs at 5e-4 (a plain HF+PEFT recipe) -> loss 0.009, 8/8; 20 at 1e-3 -> 7/8; 25 at 1e-3 -> 8/8;
 # 20 at 2e-3 -> loss 0.002, 8/8 in half the time of the first. Appended flags override the earlier ones.
 IDENTITY_EPOCHS = 20
 IDENTITY_EXTRA = f"--num_train_epochs {IDENTITY_EPOCHS} --learning_rate 2e-3"
@@ -106,7 +106,7 @@ def no_tmp_left(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tutorial_run(tmp_path_factory):
-    """MISSION.md step 3 pasted into a shell, in a folder holding the tutorial's self_cognition.json."""
+    """The tutorial's step 3 pasted into a shell, in a folder holding the tutorial's self_cognition.json."""
     cwd = tmp_path_factory.mktemp("tutorial")
     write_json(cwd / "self_cognition.json", TUTORIAL_ROWS)
     proc, seconds = shell(TUNESMITH_STEP3, cwd)
@@ -553,7 +553,10 @@ def test_killed_run_resumes_with_same_losses(qwen_tiny_dir, tmp_path, monkeypatc
     run_sft(SftArgs(**base, output_dir=str(tmp_path / "killed"), resume_from_checkpoint=str(killed / "checkpoint-3")),
             quiet=True)
     assert run_folders(tmp_path / "killed") == [killed]  # resumed into the same run folder
-    resumed = train_losses(log_records(killed)[n_before:])
+    records = log_records(killed)
+    # the killed run's step-4 line is dropped on resume: every step is logged once
+    assert [step_of(r) for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6] and n_before == 4
+    resumed = train_losses(records[3:])
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):  # fp32, same ops in the same order: equal to 1e-5
         assert resumed[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
@@ -640,7 +643,7 @@ def test_bad_input_is_one_sentence_and_leaves_nothing(bad_input_runs, case, word
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    # each of these divided by zero, crashed mid-run or mid-answer, or ran and did nonsense (session 19)
+    # each of these once divided by zero, crashed mid-run or mid-answer, or ran and did nonsense
     ("sft --lora_rank 0", "--lora_rank 0: it must be at least 1."),
     ("sft --per-device-train-batch-size 0", "--per_device_train_batch_size 0: it must be at least 1."),
     ("sft --logging_steps 0", "--logging_steps 0: it must be at least 1."),
@@ -650,10 +653,10 @@ def test_bad_input_is_one_sentence_and_leaves_nothing(bad_input_runs, case, word
     ("sft --warmup_ratio 2", "--warmup_ratio 2.0: it must be at least 0 and at most 1."),
     ("sft --num_train_epochs 0", "--num_train_epochs 0.0: it must be above 0."),
     ("sft --gradient_accumulation_steps 0", "--gradient_accumulation_steps 0: it must be at least 1."),
-    ("infer --query hi --top_p 0", "--top_p 0.0: it must be above 0 and at most 1."),
-    ("infer --query hi --temperature -1", "--temperature -1.0: it must be at least 0."),
+    ("infer --query hi --top_p 0", "--top_p 0.0: it must be at least 0.0001 and at most 1."),
+    ("infer --query hi --temperature -1", "--temperature -1.0: it must be 0 or at least 0.0001 and at most 100."),
     ("infer --query hi --max_new_tokens 0", "--max_new_tokens 0: it must be at least 1."),
-    ("infer --query hi --repetition_penalty 0", "--repetition_penalty 0.0: it must be above 0."),
+    ("infer --query hi --repetition_penalty 0", "--repetition_penalty 0.0: it must be at least 0.01 and at most 100."),
     ("deploy --port 99999", "--port 99999: it must be at least 0 and at most 65535."),
     ("deploy --max_model_len 1", "--max_model_len 1: it must be at least 2."),
 ])

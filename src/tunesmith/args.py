@@ -10,14 +10,17 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from tunesmith.decode.limits import (MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY,
+                                     MIN_TEMPERATURE, MIN_TOP_P)
 from tunesmith.errors import UserError
 
 
 def opt(default, help: str, nargs=None, choices=None, aliases: tuple[str, ...] = (), *, at_least=None, above=None,
-        at_most=None, below=None):
-    """A flag. at_least / above / at_most / below bound a number (checked by `build`, one sentence when outside)."""
-    bounds = {k: v for k, v in (("at least", at_least), ("above", above), ("at most", at_most), ("below", below))
-              if v is not None}
+        at_most=None, below=None, zero_or_at_least=None):
+    """A flag. at_least / above / at_most / below / zero_or_at_least bound a number (checked by `build`, one
+    sentence when outside)."""
+    bounds = {k: v for k, v in (("0 or at least", zero_or_at_least), ("at least", at_least), ("above", above),
+                                ("at most", at_most), ("below", below)) if v is not None}
     return field(default=default, metadata={"help": help, "nargs": nargs, "choices": choices, "aliases": aliases,
                                             "bounds": bounds})
 
@@ -39,7 +42,21 @@ class ModelArgs:
 
 
 @dataclass(frozen=True)
-class SftArgs(ModelArgs):
+class QuantArgs(ModelArgs):
+    """ms-swift's quantization flags: the base's layer linears stored in 4 or 8 bits (bitsandbytes), LoRA above."""
+
+    quant_method: str | None = opt(None, "bnb: store the base's layer linears quantized by bitsandbytes (QLoRA); none: "
+                                         "load unquantized a base that a checkpoint's args.json quantizes",
+                                   choices=("bnb", "none"))
+    quant_bits: int | None = opt(None, "4 | 8 bits for --quant_method bnb (given alone, it means bnb)", choices=(4, 8))
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 | fp4", choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "4-bit: quantize the per-block absmax statistics too")
+    bnb_4bit_compute_dtype: str | None = opt(None, "bfloat16 | float16 | float32: dtype of the products with the "
+                                                   "dequantized weights (default: --torch_dtype)")
+
+
+@dataclass(frozen=True)
+class SftArgs(QuantArgs):
     train_type: str = opt("lora", "lora | full", choices=("lora", "full"), aliases=("tuner_type",))
     dataset: list = many("dataset files/folders, 'self-cognition', 'general-distill'; 'name#N' samples N rows")
     val_dataset: list = many("evaluation datasets (same forms as --dataset)")
@@ -85,13 +102,16 @@ class SftArgs(ModelArgs):
 
 
 @dataclass(frozen=True)
-class GenArgs(ModelArgs):
+class GenArgs(QuantArgs):
     adapters: list = many("LoRA checkpoint folder(s); the base model is read from the checkpoint")
     stream: bool = opt(True, "stream tokens as they are generated")
-    temperature: float | None = opt(None, "0 = greedy (default: the model's generation_config)", at_least=0)
-    top_p: float | None = opt(None, "nucleus sampling", above=0, at_most=1)
+    # the bounds are decode/limits.py's safe ranges: outside them probabilities turn into inf/nan
+    temperature: float | None = opt(None, "0 = greedy (default: the model's generation_config)",
+                                    zero_or_at_least=MIN_TEMPERATURE, at_most=MAX_TEMPERATURE)
+    top_p: float | None = opt(None, "nucleus sampling", at_least=MIN_TOP_P, at_most=1)
     top_k: int | None = opt(None, "top-k sampling", at_least=0)
-    repetition_penalty: float | None = opt(None, "penalize tokens already present", above=0)
+    repetition_penalty: float | None = opt(None, "penalize tokens already present",
+                                           at_least=MIN_REPETITION_PENALTY, at_most=MAX_REPETITION_PENALTY)
     max_new_tokens: int = opt(2048, "most new tokens per answer", at_least=1)
     stop: list = many("stop strings")
     merge_lora: bool = opt(False, "merge the LoRA into the weights once (faster decoding, same output)")
@@ -152,11 +172,12 @@ def build(cls, namespace: argparse.Namespace):
     except TypeError as e:
         raise UserError(f"bad arguments: {e}")
     check_bounds(args)
+    check_quant(args)
     return args
 
 
 _INSIDE = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b, "at most": lambda v, b: v <= b,
-           "below": lambda v, b: v < b}
+           "below": lambda v, b: v < b, "0 or at least": lambda v, b: v == 0 or v >= b}
 
 
 def check_bounds(args) -> None:
@@ -170,6 +191,34 @@ def check_bounds(args) -> None:
         if not all(_INSIDE[rule](value, b) for rule, b in bounds.items()):
             rules = " and ".join(f"{rule} {b}" for rule, b in bounds.items())
             raise UserError(f"--{f.name} {value}: it must be {rules}.")
+
+
+QUANT_BITS = (4, 8)
+COMPUTE_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32", "auto")
+
+
+def check_quant(args) -> None:
+    """Quantization flags that do not go together are one sentence (model/quant.py reads them)."""
+    method, bits = getattr(args, "quant_method", None), getattr(args, "quant_bits", None)
+    if method is None and bits is None:
+        return
+    if method not in (None, "bnb", "none"):
+        raise UserError(f"--quant_method {method}: tunesmith quantizes with bitsandbytes only (bnb), or none.")
+    if method == "none" and bits is not None:
+        raise UserError(f"--quant_method none loads the base unquantized; drop --quant_bits {bits} or pass "
+                        f"--quant_method bnb.")
+    if method == "bnb" and bits is None:
+        raise UserError("--quant_method bnb needs --quant_bits 4 or 8.")
+    if bits is not None and bits not in QUANT_BITS:
+        raise UserError(f"--quant_bits {bits}: bitsandbytes stores weights in 4 or 8 bits.")
+    if getattr(args, "bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        raise UserError(f"--bnb_4bit_quant_type {args.bnb_4bit_quant_type}: it must be nf4 or fp4.")
+    compute = getattr(args, "bnb_4bit_compute_dtype", None)
+    if compute is not None and compute not in COMPUTE_DTYPES:
+        raise UserError(f"--bnb_4bit_compute_dtype {compute} is not one of bfloat16, float16, float32.")
+    if bits is not None and getattr(args, "train_type", "lora") == "full":
+        raise UserError(f"--train_type full cannot train a base quantized to {bits} bits (its weights are frozen "
+                        f"integers): drop --quant_bits for full fine-tuning, or train LoRA on the quantized base.")
 
 
 def to_dict(args) -> dict:
@@ -186,7 +235,7 @@ class EvalArgs(GenArgs):
 
 
 @dataclass(frozen=True)
-class ExportArgs(ModelArgs):
+class ExportArgs(QuantArgs):
     adapters: list = many("LoRA checkpoint folder to export")
     merge_lora: bool = opt(False, "merge the LoRA into the base and write a full HF model folder")
     output_dir: str | None = opt(None, "where to write (default: <ckpt>-merged)")
@@ -199,7 +248,8 @@ class ExportArgs(ModelArgs):
 class DeployArgs(GenArgs):
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port", at_least=0, at_most=65535)
-    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY'")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (without a key the server answers only "
+                                    "requests to localhost / 127.0.0.1 / [::1] with JSON bodies)")
     served_model_name: str | None = opt(None, "name of the base model in the API (default: the folder name)")
     max_concurrency: int = opt(64, "queued requests before the server answers 429", at_least=1)
     request_timeout: float = opt(600.0, "seconds before a request is cancelled", above=0)

@@ -12,6 +12,7 @@ How a checkpoint is written (atomically, with rotation) is train/checkpoint.py's
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def new_run_dir(output_dir: str | Path, add_version: bool = True) -> Path:
     run = out / f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}"
     run.mkdir()
     return run
+
+
+# What a run writes before its first step (train/loop.py's Trainer and commands/sft.py): a folder holding no more
+# has no result in it.
+SETUP_FILES = {ARGS_FILE, "runs", "logging.jsonl", "logging.jsonl.tmp", "args.json.tmp"}
+
+
+def discard_unused_run_dir(run: Path) -> bool:
+    """Remove a run folder that failed before training (it holds nothing but setup files); True when removed."""
+    run = Path(run)
+    if not run.is_dir() or any(p.name not in SETUP_FILES for p in run.iterdir()):
+        return False
+    shutil.rmtree(run, ignore_errors=True)
+    return True
 
 
 def read_checkpoint_args(ckpt: Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from types import SimpleNamespace
 from pathlib import Path
 
 from tunesmith.args import GenArgs
@@ -16,6 +17,7 @@ from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel, load_model, pick_device
 from tunesmith.model.lora import load_adapter, merge_lora, set_active_adapter
+from tunesmith.model.quant import QuantConfig, dequantize_linears, is_quantized
 from tunesmith.runs import read_checkpoint_args
 from tunesmith.text.template import CHATML, ChatTemplate
 
@@ -57,7 +59,24 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def load_for_generation(args: GenArgs, device: str | None = None) -> Session:
+def generation_quant(args: GenArgs, ckpt_args: dict) -> QuantConfig | None:
+    """The base's quantization: the flags when given (--quant_method none: unquantized), else the one the checkpoint
+    was trained on (its args.json), so that the adapter runs over the base it learned on."""
+    if getattr(args, "quant_method", None) or getattr(args, "quant_bits", None):
+        return QuantConfig.from_args(args, args.torch_dtype)
+    if not ckpt_args.get("quant_bits") or ckpt_args.get("quant_method") == "none":
+        return None
+    trained = SimpleNamespace(
+        quant_method="bnb", quant_bits=ckpt_args["quant_bits"],
+        bnb_4bit_quant_type=ckpt_args.get("bnb_4bit_quant_type") or "nf4",
+        bnb_4bit_use_double_quant=ckpt_args.get("bnb_4bit_use_double_quant", True),
+        bnb_4bit_compute_dtype=getattr(args, "bnb_4bit_compute_dtype", None) or ckpt_args.get("bnb_4bit_compute_dtype"))
+    return QuantConfig.from_args(trained, args.torch_dtype)
+
+
+def load_for_generation(args: GenArgs, device: str | None = None, unquantized: bool = False) -> Session:
+    """unquantized: the base in full precision whatever the checkpoint trained on (export merges into it); a folder
+    stored quantized by bitsandbytes is dequantized."""
     adapters = parse_adapter_specs(args.adapters)
     ckpt_args = read_checkpoint_args(next(iter(adapters.values()))) if adapters else {}
     if args.model:
@@ -72,8 +91,15 @@ def load_for_generation(args: GenArgs, device: str | None = None) -> Session:
             raise UserError(f"{next(iter(adapters.values()))}: the checkpoint does not name its base model; pass --model.")
     else:
         raise UserError("no --model or --adapters given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
+    quant = None if unquantized else generation_quant(args, ckpt_args)
+    if quant is not None and args.merge_lora and adapters:
+        raise UserError(f"--merge_lora true cannot merge into a base quantized to {quant.bits} bits; merge into the "
+                        f"full-precision base with `tunesmith export --adapters CKPT --merge_lora true`, or load the "
+                        f"base unquantized with --quant_method none.")
     dev = device or pick_device(args.device)
-    lm = load_model(base, args.torch_dtype, dev)
+    lm = load_model(base, args.torch_dtype, dev, quant)
+    if unquantized and is_quantized(lm.model):  # a folder stored by bitsandbytes: its dequantized weights
+        dequantize_linears(lm.model, lm.model.lm_head_weight.dtype)
     template = args.template or (ckpt_args.get("template") if ckpt_args.get("template") else None)
     if template:
         override_template(lm, template)

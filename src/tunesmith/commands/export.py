@@ -22,10 +22,15 @@ from tunesmith.export.merge import (MARKER, adapter_sha256, base_model_of, claim
                                     write_export)
 from tunesmith.export.vllm_check import vllm_report
 from tunesmith.model.load import load_model, pick_device, resolve_model_path
+from tunesmith.model.quant import dequantize_linears, is_quantized
 from tunesmith.session import load_for_generation, override_template, parse_adapter_specs
 
 
 def export(args: ExportArgs) -> int:
+    if args.quant_bits or args.quant_method == "bnb":
+        raise UserError(f"export writes full-precision weights and does not quantize (--quant_bits {args.quant_bits}); "
+                        f"leave --quant_method/--quant_bits out: a LoRA trained on a quantized base merges into the "
+                        f"unquantized one.")
     adapters = parse_adapter_specs(args.adapters)
     if args.merge_lora and not adapters:
         raise UserError("--merge_lora true needs --adapters CKPT, the LoRA checkpoint to merge.")
@@ -53,8 +58,10 @@ def export(args: ExportArgs) -> int:
             print("--to_gguf with --adapters: merging the adapter (a GGUF holds merged weights).")
         with claimed_output(out, marker):
             dtype = output_dtype(args, base_path)
+            # unquantized: an adapter trained on a 4/8-bit base (args.json's --quant_bits) merges into the
+            # full-precision base, as QLoRA merges are done
             session = load_for_generation(dataclasses.replace(args, model=base, merge_lora=True,
-                                                              torch_dtype=DTYPE_NAMES[dtype]))
+                                                              torch_dtype=DTYPE_NAMES[dtype]), unquantized=True)
             write_export(session.lm, out, args, session.system, marker)
         return 0
 
@@ -70,6 +77,8 @@ def export(args: ExportArgs) -> int:
     device = pick_device(args.device)
     with claimed_output(out, marker) if is_gguf else nullcontext():
         lm = load_model(path, output_dtype(args, path), device)
+        if is_quantized(lm.model):  # a folder stored by bitsandbytes: written dequantized
+            dequantize_linears(lm.model, output_dtype(args, path))
         if args.template:
             override_template(lm, args.template)
         write_export(lm, out, args, args.system, marker, hf=is_gguf)

@@ -144,12 +144,14 @@ def batch_infer(session: Session, args: InferArgs, cfg: SamplingConfig) -> int:
         from tunesmith.data.sources import load_dataset
 
         items = []
-        for spec in args.val_dataset:  # in file order (not shuffled), so results line up with the dataset's rows
-            for conv in load_dataset(spec, args.seed):
-                last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=len(conv))
-                ref = conv[last]["content"] if last < len(conv) else None
-                if any(m["role"] == "user" for m in conv[:last]):
-                    items.append({"messages": conv[:last], "reference": ref})
+        # In file order (not shuffled), so results line up with the dataset's rows. A row may hold only the
+        # question (no answer): a row ending with an assistant turn has that answer as its reference, and the
+        # model answers the turns before it.
+        for spec in args.val_dataset:
+            for conv in load_dataset(spec, args.seed, answer=False):
+                answered = conv[-1]["role"] == "assistant"
+                items.append({"messages": conv[:-1] if answered else conv,
+                              "reference": conv[-1]["content"] if answered else None})
     gen = session.generator
     if args.result_path:
         out_path = Path(args.result_path)

@@ -14,18 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunesmith.args import SftArgs
+from tunesmith.args import SftArgs, check_quant
 from tunesmith.data.packing import encode_dataset
+from tunesmith.args import to_dict
 from tunesmith.errors import UserError
-from tunesmith.files import write_json
-from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, parse_dtype, pick_device
-from tunesmith.runs import ARGS_FILE, new_run_dir
+from tunesmith.files import WriteError, write_json
+from tunesmith.model.load import LoadedModel, cpu_compute_dtype, load_model, model_config, parse_dtype, pick_device
+from tunesmith.model.quant import QuantConfig, quant_modules, quantize_linears
+from tunesmith.runs import ARGS_FILE, discard_unused_run_dir, new_run_dir
 from tunesmith.train import distributed
-from tunesmith.train.checkpoint import check_resumable
-from tunesmith.train.precision import checkpoint_dtype, training_dtype
+from tunesmith.train.checkpoint import (check_checkpoint_files, check_resumable, check_same_run, checkpoint_step,
+                                       resume_hint)
 from tunesmith.train.loop import (PAD_MULTIPLE, Trainer, peak_memory_gib, planned_steps, resolve_defaults,
                                   trainable_parameters)
 from tunesmith.train.plan import Plan, device_budget_gib, plan_run
+from tunesmith.train.precision import checkpoint_dtype, training_dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +97,19 @@ def process_start_time() -> float | None:
         return None
 
 
+def plan_base(args: SftArgs, convs: list, device, quiet: bool) -> SftArgs:
+    """Before the model loads: whether its base must be 4-bit to fit this device (train/plan.py), from its shapes
+    and a bound on the rows' tokens (a conversation's UTF-8 bytes and a few tokens per message bound its tokens
+    under byte-level BPE). Returns args with --quant_bits 4 when so."""
+    sizes = sorted((sum(len(str(m.get("content") or "").encode()) + 8 for m in c) + 16 for c in convs), reverse=True)
+    group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    row = min(args.max_length, sum(sizes[:group]) if args.packing else sizes[0])
+    pre = plan_run(model_config(args.model), budget_gib=device_budget_gib(device), row_tokens=row,
+                   planned_tokens=0, row_lengths=1, train_type=args.train_type, lora_rank=args.lora_rank,
+                   checkpointing=args.gradient_checkpointing, compile=args.torch_compile or False)
+    return replace(args, quant_method="bnb", quant_bits=4) if pre.quant_bits else args
+
+
 def plan_training(args: SftArgs, lm: LoadedModel, train: list, device) -> Plan:
     """The memory plan (train/plan.py) for these samples on this device: rows as the trainer will pack them."""
     lengths = sorted((len(s.input_ids) for s in train), reverse=True)
@@ -102,8 +118,10 @@ def plan_training(args: SftArgs, lm: LoadedModel, train: list, device) -> Plan:
     steps = planned_steps(args, len(train), torch.distributed.get_world_size() if distributed.active() else 1)
     tokens = steps * group * sum(lengths) / len(lengths)
     row_lengths = len({-(-min(n, row) // PAD_MULTIPLE) for n in lengths})
+    quantized = quant_modules(lm.model)
+    bits = next(m for _, m in quantized).bits if quantized else args.quant_bits
     return plan_run(lm.config, budget_gib=device_budget_gib(device), row_tokens=row, planned_tokens=tokens,
-                    row_lengths=row_lengths, train_type=args.train_type, lora_rank=args.lora_rank,
+                    row_lengths=row_lengths, train_type=args.train_type, lora_rank=args.lora_rank, quant_bits=bits,
                     checkpointing=args.gradient_checkpointing, compile=args.torch_compile,
                     on_gpu=device.type == "cuda")
 
@@ -128,23 +146,64 @@ def sft(args: SftArgs) -> int:
     return 0
 
 
-def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -> Trainer:
-    """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy)."""
+class RunStart:
+    """How far run_sft got: the run folder it made (None when resuming into an existing one) and whether training
+    began; a run that fails before that leaves no run folder behind."""
+
+    def __init__(self):
+        self.fresh_dir: Path | None = None
+        self.training = False
+
+
+def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -> Trainer | None:
+    """Train as `args` say; `lm` may be a model already loaded from args.model (the demo reuses its copy). None when
+    --resume_from_checkpoint names a finished run's checkpoint and no more steps are asked (nothing is written)."""
+    start = RunStart()
+    try:
+        return _run_sft(args, lm, quiet, start)
+    except BaseException:
+        main = not distributed.active() or torch.distributed.get_rank() == 0
+        if start.fresh_dir is not None and not start.training and main:
+            discard_unused_run_dir(start.fresh_dir)
+        raise
+
+
+def fit(trainer: Trainer) -> Path:
+    """trainer.fit(); an error ends the progress line first, so the error's sentence has a line of its own."""
+    try:
+        return trainer.fit()
+    except BaseException:
+        trainer.log.end_line()
+        raise
+
+
+def finished_run(resume: Path, done: int, total: int) -> str:
+    """The one line for a resume with nothing left to train."""
+    return (f"{resume} is at step {done} and this run asks for {total} step{'' if total == 1 else 's'}, so its run is "
+            f"finished and nothing was written; pass a larger --max_steps or --num_train_epochs to train further.")
+
+
+def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart) -> Trainer | None:
     phases = Phases()
     args = resolve_defaults(args)
+    check_quant(args)  # before the data and the model load
     seed_everything(args.seed)
     device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if resume is not None:
         check_resumable(resume)  # before the data and the model load
+        check_checkpoint_files(resume)
+        check_same_run(resume, to_dict(args))
+        done = checkpoint_step(resume)
+        if args.max_steps and args.max_steps > 0 and done >= args.max_steps:
+            if not quiet:
+                print(finished_run(resume, done, args.max_steps), file=sys.stderr)
+            return None
     train_convs, val_convs, distill = load_training_data(args)
     phases.mark("data")
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
-        # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: beside its importing thread the
-        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on the 2-core CI machine (2026-12-01), as slow
-        # as bf16's.
         # bfloat16 (asked, or the checkpoint's) on a GPU below compute capability 8.0: float16 with loss scaling
         # (train/precision.py); full fine-tuning in float16 is refused here, before the model loads.
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -152,20 +211,31 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
                                      capability, args.train_type)
         if note and not quiet:
             print(note, file=sys.stderr)
+        # --torch_dtype bfloat16 on a CPU without bf16. Timed before prewarm starts: beside its importing thread the
+        # float32 product measured 0.5-0.6 GFLOP/s instead of ~45 on the 2-core CI machine (2026-12-01), as slow
+        # as bf16's.
         dtype, note = cpu_compute_dtype(args.torch_dtype if dtype is None else dtype, device)
         if note and not quiet:
             print(note, file=sys.stderr)
+        if device.type == "cuda" and args.quant_bits is None and args.quant_method != "none":
+            args = plan_base(args, train_convs, device, quiet)  # a 4-bit base when bf16 cannot fit
         warm = threading.Thread(target=prewarm, daemon=True)
         warm.start()
-        lm = load_model(args.model, dtype, device)
+        lm = load_model(args.model, dtype, device, QuantConfig.from_args(args, dtype))
         warm.join()
     phases.mark("load")
+    quantized = next((m for _, m in quant_modules(lm.model)), None)
+    if quantized is not None and args.train_type == "full":  # a folder stored quantized by bitsandbytes
+        raise UserError(f"--train_type full cannot train {lm.path}: its layer linears are stored in {quantized.bits} "
+                        f"bits (bitsandbytes); train LoRA on it, or fully fine-tune an unquantized model.")
     if args.template:
         from tunesmith.session import override_template
 
         override_template(lm, args.template)
     run_dir = resume.parent if resume is not None else distributed.on_main(
         lambda: new_run_dir(args.output_dir, args.add_version))
+    if resume is None and args.add_version:
+        start.fresh_dir = run_dir
     if distill:
         from tunesmith.evaluate.distill import general_distill
 
@@ -176,20 +246,32 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
     if not train:
         raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
                         f"{args.max_length} or have no assistant answer.")
+    if resume is not None:  # epochs: the steps they make depend on the samples left after encoding
+        total = planned_steps(args, len(train), torch.distributed.get_world_size() if distributed.active() else 1)
+        if done >= total:
+            if not quiet:
+                print(finished_run(resume, done, total), file=sys.stderr)
+            return None
     phases.mark("encode")
     plan = plan_training(args, lm, train, device)
+    if plan.quant_bits and not quant_modules(lm.model):  # the rows turned out longer than their bound
+        quantize_linears(lm.model, QuantConfig(4, compute_dtype=lm.model.lm_head_weight.dtype))
+        args = replace(args, quant_method="bnb", quant_bits=4)
     args = replace(args, gradient_checkpointing=plan.checkpointing, torch_compile=plan.compile)
     trainer = Trainer(args, lm, train, val, run_dir, device, quiet=quiet)
     phases.mark("setup")
     main = trainer.dp.is_main  # rank 0 alone writes and talks
-    if main:
+    if main and resume is None:  # a resume rewrites it once the checkpoint has loaded
         write_json(run_dir / ARGS_FILE, trainer.checkpoint_args())
     n_params = sum(p.numel() for p in trainable_parameters(lm.model))
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr))
     say(f"run: {run_dir}")
     say(f"data: {len(train)} training samples, {len(val)} eval samples"
         + (f"; {dropped + dropped_val} dropped (over --max_length {args.max_length} or no answer)" if dropped + dropped_val else ""))
-    say(f"model: {lm.path} on {device} ({next(lm.model.parameters()).dtype}); trainable parameters {n_params:,} "
+    base_kind = f"{next(lm.model.parameters()).dtype}" + (
+        f", layer linears {'4-bit ' + quantized.quant_type if quantized.bits == 4 else '8-bit int8'} computing in "
+        f"{str(quantized.compute_dtype).removeprefix('torch.')}" if quantized is not None else "")
+    say(f"model: {lm.path} on {device} ({base_kind}); trainable parameters {n_params:,} "
         f"({args.train_type}); {trainer.total_steps} steps of {trainer.group} samples, lr {args.learning_rate}")
     if device.type == "cuda":
         say(plan.line())
@@ -199,12 +281,17 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
             f"{trainer.dp.world} processes")
     if resume is not None:
         trainer.resume(resume)
+        if main:
+            write_json(run_dir / ARGS_FILE, trainer.checkpoint_args())
         say(f"resumed at step {trainer.step} from {resume}")
+    start.training = True
     t0 = time.time()
     try:
-        last = trainer.fit()
+        last = fit(trainer)
     except torch.OutOfMemoryError:
         raise UserError(out_of_memory(trainer, plan, run_dir)) from None
+    except WriteError as e:  # logging.jsonl, TensorBoard or loss.png (a checkpoint's own failure says this already)
+        raise e.again(hint=resume_hint(run_dir)) from None
     trainer.seconds = time.time() - t0
     phases.mark("fit")
     summary = {"steps": trainer.total_steps, "seconds": round(time.time() - t0, 1), "phases_s": phases.seconds,
@@ -212,7 +299,11 @@ def run_sft(args: SftArgs, lm: LoadedModel | None = None, quiet: bool = False) -
                "best_checkpoint": str(trainer.best[1]) if trainer.best else None,
                "final_loss": trainer.losses[-1] if trainer.losses else None}
     if main:
-        write_json(run_dir / "summary.json", summary)
+        try:
+            write_json(run_dir / "summary.json", summary)
+        except WriteError as e:
+            raise e.again(hint=f"the training is done and its checkpoints are complete (last: {last}); only this "
+                               f"summary is missing") from None
     say(f"done: {summary['steps']} steps in {summary['seconds']} s, peak memory {summary['peak_memory_gib']} GiB")
     say(f"checkpoint: {last}")
     flag = "--adapters" if args.train_type == "lora" else "--model"

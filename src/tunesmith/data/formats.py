@@ -33,8 +33,10 @@ SPEAKER_ROLES = {
 FORMAT_HINT = "give each row 'messages', 'conversations', 'instruction' and 'output', or 'query' and 'response'"
 
 
-def to_messages(row: dict, where: str) -> list[dict]:
-    """Convert one row (any supported format) to a validated list of {"role", "content"} messages."""
+def to_messages(row: dict, where: str, answer: bool = True) -> list[dict]:
+    """Convert one row (any supported format) to a validated list of {"role", "content"} messages.
+
+    answer=False (batch inference's rows): the row may stop at a user turn, with no answer to learn."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is a {_kind(row)}, not an object with fields; {FORMAT_HINT}.")
     if "messages" in row:
@@ -42,13 +44,13 @@ def to_messages(row: dict, where: str) -> list[dict]:
     elif "conversations" in row:
         messages = _from_sharegpt(row, where)
     elif "instruction" in row or "output" in row:
-        messages = _from_alpaca(row, where)
+        messages = _from_alpaca(row, where, answer)
     elif "query" in row or "response" in row:
-        messages = _from_query_response(row, where)
+        messages = _from_query_response(row, where, answer)
     else:
         fields = ", ".join(repr(k) for k in row) or "none"
         raise UserError(f"{where} has no field this tool knows (its fields: {fields}); {FORMAT_HINT}.")
-    _check_turns(messages, where)
+    _check_turns(messages, where, answer)
     return messages
 
 
@@ -81,29 +83,30 @@ def _from_sharegpt(row: dict, where: str) -> list[dict]:
     return messages
 
 
-def _from_alpaca(row: dict, where: str) -> list[dict]:
+def _from_alpaca(row: dict, where: str, answer: bool = True) -> list[dict]:
     instruction = _text_field(row, "instruction", where)
     input_ = _text_field(row, "input", where)
     # ms-swift joins the two with a newline only when both are present.
     query = f"{instruction}\n{input_}" if instruction and input_ else instruction or input_
-    if not query:
+    if not query.strip():
         raise UserError(f"{where} has an empty 'instruction' (and no 'input'); write the question in 'instruction'.")
-    return _one_turn(row, where, query, "output")
+    return _one_turn(row, where, query, "output", answer)
 
 
-def _from_query_response(row: dict, where: str) -> list[dict]:
+def _from_query_response(row: dict, where: str, answer: bool = True) -> list[dict]:
     query = _text_field(row, "query", where)
-    if not query:
+    if not query.strip():
         raise UserError(f"{where} has no 'query'; write the question in 'query' and the answer in 'response'.")
-    return _one_turn(row, where, query, "response")
+    return _one_turn(row, where, query, "response", answer)
 
 
-def _one_turn(row: dict, where: str, query: str, answer_field: str) -> list[dict]:
-    """System prompt, earlier turns (`history`), then this row's question and the answer in `answer_field`."""
-    return _system(row, where) + _history(row, where) + [
-        {"role": "user", "content": query},
-        {"role": "assistant", "content": _answer(row, answer_field, where)},
-    ]
+def _one_turn(row: dict, where: str, query: str, answer_field: str, answer: bool = True) -> list[dict]:
+    """System prompt, earlier turns (`history`), then this row's question and the answer in `answer_field`
+    (left out where answer=False and the row has none)."""
+    turns = _system(row, where) + _history(row, where) + [{"role": "user", "content": query}]
+    if not answer and row.get(answer_field) in (None, ""):
+        return turns
+    return turns + [{"role": "assistant", "content": _answer(row, answer_field, where)}]
 
 
 def _system(row: dict, where: str) -> list[dict]:
@@ -152,6 +155,9 @@ def _nested_list(row: dict, field: str, where: str) -> list:
         except json.JSONDecodeError:
             raise UserError(f"{where}, field '{field}' is text that is not a JSON list; "
                             f"write it as a list (or as JSON text of one).") from None
+        except RecursionError:
+            raise UserError(f"{where}, field '{field}' holds JSON nested too deeply to read; "
+                            f"write it as a flat list of turns.") from None
     if not isinstance(value, list):
         raise UserError(f"{where}, field '{field}' is a {_kind(value)}, not a list; write it as a list.")
     return value
@@ -180,20 +186,35 @@ def _content(content, where: str) -> str:
     raise UserError(f"{where} has content that is a {_kind(content)}, not text; write it as a string.")
 
 
-def _check_turns(messages: list[dict], where: str) -> None:
-    """Optional system first, then user/assistant alternating, ending with a non-empty assistant answer."""
+def _check_turns(messages: list[dict], where: str, answer: bool = True) -> None:
+    """Optional system first, then user/assistant alternating, ending with a non-empty assistant answer (or, with
+    answer=False, with a user turn too); every turn has text, and all text is encodable (no lone surrogates)."""
+    for i, message in enumerate(messages, 1):
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = message["content"][e.start]
+            raise UserError(f"{where}: message {i} ({message['role']}) holds a lone surrogate \\u{ord(bad):04x} at "
+                            f"character {e.start + 1}, which is not a character; fix that escape in the "
+                            f"file.") from None
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    if not any(m["role"] == "assistant" for m in turns):
+    if answer and not any(m["role"] == "assistant" for m in turns):
         raise UserError(f"{where} has no assistant turn; add the answer the model should learn.")
+    if not turns:
+        raise UserError(f"{where} has no user turn; add the question to answer.")
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise UserError(f"{where}: turn {i + 1} is from the {message['role']} where the {expected} should speak; "
                             "after an optional system message, turns must alternate between user and assistant.")
-    if turns[-1]["role"] != "assistant":
+    if answer and turns[-1]["role"] != "assistant":
         raise UserError(f"{where} ends with a user turn; end the conversation with the assistant's answer.")
-    if not turns[-1]["content"].strip():
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"].strip():
         raise UserError(f"{where} ends with an empty assistant answer; write the answer the model should learn.")
+    for i, message in enumerate(turns, 1):
+        if not message["content"].strip():
+            raise UserError(f"{where}: turn {i} ({message['role']}) is empty or only whitespace; write its text there, "
+                            f"or remove the turn.")
 
 
 def _kind(value) -> str:

@@ -40,15 +40,49 @@ TRUE_VALUES = ("1", "true", "yes", "on")
 
 
 def load_dataset(spec: str, seed: int, name: tuple[str, str] | None = None,
-                 author: tuple[str, str] | None = None) -> list[list[dict]]:
-    """One dataset spec → its conversations, `#N`-sampled when asked."""
+                 author: tuple[str, str] | None = None, answer: bool = True) -> list[list[dict]]:
+    """One dataset spec → its conversations, `#N`-sampled when asked. answer=False: rows may end with the user's
+    question (batch inference)."""
     source, count = _split_count(spec)
-    convs = _load_source(source, name, author)
+    if not source.strip():
+        raise UserError(f"dataset {spec!r} names no file (an empty name, as an unset shell variable leaves); "
+                        "pass a file, a folder or self-cognition.")
+    convs = _load_source(source, name, author, answer)
     if not convs:
         raise UserError(f"dataset '{source}' has no rows; add rows to it or leave it out of --dataset.")
     if count is None:
         return convs
+    check_count(spec, convs, count)
     return sample_rows(convs, count, random.Random(f"{seed}#{source}"))
+
+
+def check_count(spec: str, convs: list[list[dict]], count: int) -> None:
+    """`#N` beyond what memory can hold is refused before any row is copied: each sampled row costs its
+    conversation's copy and, once tokenized, its token lists (about ROW_BYTES + TEXT_BYTES per character)."""
+    chars = sum(len(m["content"]) for conv in convs for m in conv) / len(convs)
+    limit = int(available_memory() // (ROW_BYTES + TEXT_BYTES * chars))
+    if count > limit:
+        raise UserError(f"dataset '{spec}' asks for {count:,} rows, but at most {limit:,} rows of it fit in the "
+                        f"{available_memory() / 2**30:.1f} GiB of memory free here; ask for fewer after '#'.")
+
+
+# Memory of one sampled row: its copied messages (~1 KiB), and per character of text the token ids, labels and
+# offsets made when it is tokenized (~4 characters a token, ~100 bytes a token in Python lists).
+ROW_BYTES, TEXT_BYTES = 1024, 25
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations (MemAvailable on Linux; physical memory elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**34
 
 
 def load_datasets(specs: list[str], seed: int, name: tuple[str, str] | None = None,
@@ -99,32 +133,32 @@ def _split_count(spec: str) -> tuple[str, int | None]:
     return source, int(count)
 
 
-def _load_source(source: str, name, author) -> list[list[dict]]:
+def _load_source(source: str, name, author, answer: bool = True) -> list[list[dict]]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = _data_files(path)
         if not files:
             raise UserError(f"dataset folder '{source}' holds no .json, .jsonl, .csv or .parquet file; "
                             "put the data files in it or pass a file.")
-        return [conv for file in files for conv in _conversations(read_rows(file), str(file), name, author)]
+        return [conv for file in files for conv in _conversations(read_rows(file), str(file), name, author, answer)]
     if path.is_file():
-        return _conversations(read_rows(path), str(path), name, author)
+        return _conversations(read_rows(path), str(path), name, author, answer)
     if source in BUILTIN_SELF_COGNITION:
         rows = self_cognition_rows(name, author)
         where = "the built-in self-cognition data"
         return _conversations([(f"{where} row {i}", row) for i, row in enumerate(rows, 1)], where, None, None)
     if path.suffix.lower() in FILE_TYPES or not HUB_ID.fullmatch(source):
         raise UserError(f"dataset '{source}' does not exist (looked in {Path.cwd()}); check the path.")
-    return _conversations(_hub_rows(source), source, name, author)
+    return _conversations(_hub_rows(source), source, name, author, answer)
 
 
-def _conversations(rows: list[tuple[str, dict]], where: str, name, author) -> list[list[dict]]:
+def _conversations(rows: list[tuple[str, dict]], where: str, name, author, answer: bool = True) -> list[list[dict]]:
     """(where, row) pairs → conversations, placeholders filled, then refused if any answer still has one."""
     convs = []
     for row_where, row in rows:
         if (name is not None or author is not None) and isinstance(row, dict):
             row = fill_placeholders(row, name, author)
-        convs.append(to_messages(row, row_where))
+        convs.append(to_messages(row, row_where, answer))
     check_no_placeholders(convs, where)
     return convs
 
@@ -170,6 +204,9 @@ def _json_rows(path: Path, text: str) -> list[tuple[str, dict]]:
         return []
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path} holds JSON nested too deeply to read; a .json file holds one list of rows "
+                        "(flat objects, or lists of turns).") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line in a .json file: read it as the JSON Lines it is
             return _jsonl_rows(path, text)
@@ -191,6 +228,9 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict]]:
             continue
         try:
             rows.append((f"{path} line {lineno}", json.loads(line)))
+        except RecursionError:
+            raise UserError(f"{path} line {lineno} holds JSON nested too deeply to read; write that row as one "
+                            "flat object.") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
                             "fix that line (a .jsonl file holds one JSON object per line).") from None
@@ -201,8 +241,15 @@ def _csv_rows(path: Path, text: str) -> list[dict]:
     csv.field_size_limit(2**31 - 1)  # long answers exceed the default 128 KiB cell limit
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        # Cells beyond the header land under the key None; they belong to no field.
-        return [{k: v for k, v in row.items() if k is not None} for row in reader]
+        rows = []
+        for i, row in enumerate(reader, 1):
+            extra = row.pop(None, None)  # cells beyond the header: a comma inside an unquoted cell, most often
+            if extra:
+                raise UserError(f"{path} row {i} (line {reader.line_num}) has {len(reader.fieldnames) + len(extra)} "
+                                f"cells but the header names {len(reader.fieldnames)} columns; put quotes around a "
+                                f"cell that holds a comma, or add the column to the header.")
+            rows.append(row)
+        return rows
     except csv.Error as e:
         raise UserError(f"{path} is not valid CSV ({e}); fix the quoting there.") from None
 

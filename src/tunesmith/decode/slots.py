@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tunesmith.decode.sampling import SamplingConfig, penalize, sample
+from tunesmith.decode.sampling import SamplingConfig, greedy_pick, penalize, safe, sample
 from tunesmith.decode.static import StaticKVCache
 from tunesmith.decode.text import Delta, TextOut
 from tunesmith.errors import UserError
@@ -110,6 +110,7 @@ class DecodeSlots:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens; at most {self.capacity - 1} fit with room for "
                             f"an answer (prompt + answer per request: --max_model_len when serving); shorten it.")
         b = self.streams.index(None)
+        cfg = safe(cfg)  # sampling values that cannot turn this row's probabilities into inf/nan
         self.g.decoder.refresh()
         seen = None
         if cfg.repetition_penalty != 1.0:
@@ -252,7 +253,9 @@ class DecodeSlots:
 
     def _pick(self, logits: dict[int, torch.Tensor], rows: list[int], streams: list[_Stream],
               penalized: list[int]) -> torch.Tensor:
-        """The rows' next tokens from their logits: greedy rows in one argmax, sampled rows through sample()."""
+        """The rows' next tokens from their logits: greedy rows in one argmax, sampled rows through sample(). A nan
+        logit is never picked (greedy_pick), and sample() falls back to the greedy token for a row whose
+        probabilities come out unusable, so one row's numbers cannot fail the step of every row."""
         stacked = torch.stack([logits[b] for b in rows]).float()
         blocked = [i for i, s in enumerate(streams) if s.sampled < s.cfg.min_new_tokens]
         if blocked and self.eos:  # a device tensor as the value: a Python float here made the host wait for the GPU
@@ -262,7 +265,7 @@ class DecodeSlots:
             pen = self._dev([streams[i].cfg.repetition_penalty for i in penalized], torch.float32)[:, None]
             part = penalize(stacked[idx], self._seen[self._dev([rows[i] for i in penalized])], pen)
             stacked = stacked.index_copy(0, idx, part)
-        picked = stacked.argmax(-1)
+        picked = greedy_pick(stacked)
         for i, s in enumerate(streams):
             if s.cfg.temperature > 0:  # penalized above; seeded rows keep their own generator
                 picked[i] = sample(stacked[i], s.seen, replace(s.cfg, repetition_penalty=1.0), s.gen)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.decode.sampling import greedy_picks
-from tunesmith.model.decoder import Decoder, ModelConfig, rotate, sdpa
+from tunesmith.model.decoder import Decoder, ModelConfig, SharedInput, rotate, sdpa
 from tunesmith.model.lora import shared_adapter, stacked_lora_term
 from tunesmith.ops import decode_attention as slot_attention
 from tunesmith.ops import gemv, rope_write
@@ -164,12 +164,17 @@ def fuse_projections(model: Decoder, kernels: Kernels = Kernels()) -> None:
     """Swap FusedInputs into every SharedInput slot of the model (q/k/v, gate/up): generating reads each layer's
     input-side weights in two products instead of five, fewer kernels per decode step, and the small k/v products
     no longer run alone. Cheap when the slots are current (generation calls it before each answer); stale ones
-    (the weights were moved, cast or sharded since) are rebuilt."""
+    (the weights were moved, cast or sharded since) are rebuilt. Only plain nn.Linear bases fuse: a quantized
+    base (model/quant.py) has no matrix to concatenate, and its slot stays (or goes back to) the plain one."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for owner, mods, role in ((attn, (attn.q_proj, attn.k_proj, attn.v_proj), "qkv"),
                                   (mlp, (mlp.gate_proj, mlp.up_proj), "gate_up")):
             slot = owner.inputs
+            if not all(isinstance(getattr(m, "base_layer", m), nn.Linear) for m in mods):
+                if isinstance(slot, FusedInputs):
+                    owner.inputs = SharedInput()
+                continue
             if isinstance(slot, FusedInputs) and slot.current(mods):
                 if slot.kernels != kernels:
                     owner.inputs = FusedInputs(slot.weight, slot.bias, slot.sizes, role, kernels)

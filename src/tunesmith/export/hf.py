@@ -117,6 +117,7 @@ def save_hf_folder(lm: LoadedModel, out_dir: Path, system: str | None = None, ma
     ids = {k: tok.token_id(tok.special.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
     config = lm.config.to_hf()
     config.pop("dtype", None)  # transformers 5 prefers `dtype`; one key, with the dtype actually written
+    config.pop("quantization_config", None)  # a bitsandbytes-stored base is written dequantized
     config["torch_dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     for k in ("bos", "eos", "pad"):
         if ids[k] is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tunesmith.model.lora import ALL_LINEAR, read_adapter_config
+from tunesmith.model.lora import ALL_LINEAR, check_adapter_config, read_adapter_config, read_adapter_weights
 from tunesmith.runs import read_checkpoint_args
 
 SUPPORTED_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
@@ -18,13 +18,10 @@ SUPPORTED_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-l
 
 def adapted_modules(ckpt: Path) -> list[str]:
     """Short names (q_proj, lm_head, ...) of the modules the adapter file holds LoRA weights for."""
-    from safetensors import safe_open
-
     f = Path(ckpt) / "adapter_model.safetensors"
     if not f.is_file():
         return []
-    with safe_open(str(f), framework="pt") as sf:
-        keys = list(sf.keys())
+    keys = list(read_adapter_weights(ckpt))  # the whole file, so a truncated one is refused here (one sentence)
     return sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in keys if ".lora_" in k})
 
 
@@ -39,6 +36,7 @@ def serve_name(ckpt_args: dict) -> str:
 def vllm_report(ckpt: str | Path) -> str:
     ckpt = Path(ckpt)
     cfg = read_adapter_config(ckpt)
+    check_adapter_config(cfg, ckpt)
     ckpt_args = read_checkpoint_args(ckpt)
     base = str(ckpt_args.get("model") or cfg.get("base_model_name_or_path") or "BASE_MODEL")
     name = serve_name(ckpt_args)

@@ -30,6 +30,8 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.model.decoder import Decoder, ModelConfig, rope_inv_freq
 from tunesmith.model.gguf_file import GGUFFile
+from tunesmith.model.quant import QuantConfig, QuantLinear, from_saved, quantize
+from tunesmith.model.quant import is_target as is_quant_target
 from tunesmith.text.template import ChatTemplate
 from tunesmith.files import read_json
 from tunesmith.text.tokenizer import Tokenizer
@@ -181,19 +183,22 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
                            f"float32 (no native {name} instructions), so training computes in float32.")
 
 
-def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load weights + tokenizer + template. dtype None: the checkpoint's dtype on GPU, float32 on CPU."""
+def load_model(name: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               quant: QuantConfig | None = None) -> LoadedModel:
+    """Load weights + tokenizer + template. dtype None: the checkpoint's dtype on GPU, float32 on CPU.
+    quant: the decoder layers' linears are quantized as they load (model/quant.py), shard by shard; a folder that
+    bitsandbytes already quantized (config.json's quantization_config) loads quantized as it is."""
     path = resolve_model_path(name)
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype or torch.float32, device)
+        return _load_gguf(path, dtype or torch.float32, device, quant)
     if path.is_dir():
-        return _load_hf_dir(path, dtype, device)
+        return _load_hf_dir(path, dtype, device, quant)
     raise UserError(f"{path}: not a model folder (with config.json) or a .gguf file.")
 
 
-def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype, device, quant: QuantConfig | None = None) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; give the folder that holds config.json and the *.safetensors files.")
     raw = read_json(path / "config.json")
@@ -216,11 +221,19 @@ def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
         if not f.is_file():
             raise UserError(f"{f}: shard listed in model.safetensors.index.json is missing; re-download or re-save the model.")
 
+    saved_quant = _saved_quantization(raw, path, quant)
+    quantized, compute = {}, (quant.compute_dtype if quant else None) or dtype
     with ThreadPoolExecutor(max_workers=1) as side:  # the tokenizer loads beside the weights
         tokenizer_job = side.submit(Tokenizer.from_dir, path)
-        state = read_safetensors(files, device, dtype)
+        if saved_quant:  # stored by bitsandbytes: the integers and their statistics as they are
+            state = read_safetensors(files, device)
+            state, quantized = _split_saved_quantized(state, dtype, str(path))
+        elif quant:
+            state, quantized = _read_quantizing(files, device, dtype, quant)
+        else:
+            state = read_safetensors(files, device, dtype)
         tokenizer = tokenizer_job.result()
-    model = _assign_state(cfg, state, device, str(path))
+    model = _assign_state(cfg, state, device, str(path), quantized, compute)
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     chat_template = tok_cfg.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -231,13 +244,64 @@ def _load_hf_dir(path: Path, dtype, device) -> LoadedModel:
     return _finish(model, tokenizer, ChatTemplate(chat_template, tokenizer), path, gen)
 
 
+def _saved_quantization(raw: dict, path: Path, quant: QuantConfig | None) -> int | None:
+    """The bits of a folder that bitsandbytes quantized (config.json's quantization_config), else None; flags
+    asking for other bits are one sentence."""
+    qc = raw.get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    if qc.get("quant_method") != "bitsandbytes":
+        raise UserError(f"{path}: the weights are quantized by {qc.get('quant_method')}, which tunesmith does not read "
+                        f"(it reads bitsandbytes 4/8-bit folders and unquantized ones).")
+    bits = 4 if qc.get("load_in_4bit") or qc.get("_load_in_4bit") else 8
+    if quant is not None and quant.bits != bits:
+        raise UserError(f"{path} is already quantized to {bits} bits by bitsandbytes; drop --quant_bits {quant.bits} "
+                        f"(it loads as it is).")
+    return bits
+
+
+def _split_saved_quantized(state: dict, dtype, source: str) -> tuple[dict, dict]:
+    """A bitsandbytes-saved state -> (the full-precision tensors cast to dtype, name.weight -> QuantizedWeight)."""
+    groups: dict[str, dict] = {}
+    plain = {}
+    for k, v in state.items():
+        m = re.match(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.(weight.*|SCB)$", k)
+        if m and not k.endswith(".bias"):
+            groups.setdefault(m.group(1), {})[m.group(2)] = v
+        else:
+            plain[k] = v.to(dtype) if v.is_floating_point() else v
+    quantized = {}
+    for prefix, tensors in groups.items():
+        if tensors["weight"].is_floating_point():  # a module left unquantized (llm_int8_skip_modules)
+            plain[prefix + ".weight"] = tensors["weight"].to(dtype)
+            continue
+        quantized[prefix + ".weight"] = from_saved(prefix, tensors, source)
+    return plain, quantized
+
+
+def _read_quantizing(files, device, dtype, quant: QuantConfig) -> tuple[dict, dict]:
+    """The checkpoint's tensors, each shard read into CPU memory whole, its layer linears quantized on `device` one
+    at a time and the full-precision copies dropped: the device never holds more than one unquantized matrix."""
+    state, quantized = {}, {}
+    for f in files:
+        part = read_safetensors([f], "cpu", dtype if device.type == "cpu" else None)
+        for name in list(part):
+            t = part.pop(name).to(device=device, dtype=dtype)
+            if is_quant_target(name) and t.ndim == 2:
+                quantized[name] = quantize(t, quant)
+            else:
+                state[name] = t
+            del t
+    return state, quantized
+
+
 # ---- safetensors ---------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 # Bytes per read (and per host->GPU copy, the size of each pinned staging buffer); a multiple of 8, so that a
-# chunk boundary never splits an element. Tests shrink it to make tensors span several chunks.
+# chunk boundary never splits an element (read_safetensors' chunk_bytes; tests make it small).
 CHUNK_BYTES = 32 << 20
 
 
@@ -283,7 +347,8 @@ def read_safetensors_header(f: Path) -> list[tuple[str, torch.dtype, list[int], 
     return sorted(entries, key=lambda e: e[3])
 
 
-def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: int | None = None) -> dict:
+def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: int | None = None,
+                     chunk_bytes: int = CHUNK_BYTES) -> dict:
     """name -> tensor of every tensor in the safetensors files, on `device`, cast to `dtype` (None: the file's).
     Each tensor is allocated once on the device and its bytes are read in CHUNK_BYTES pieces by a thread pool
     (a big tensor is spread over several workers). CPU: reads land in the tensor itself. CUDA: in a worker's
@@ -291,7 +356,7 @@ def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: i
     synchronized before returning, so the tensors are ready on any stream."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):  # other accelerators: through host memory
-        return {k: v.to(device) for k, v in read_safetensors(files, "cpu", dtype, workers).items()}
+        return {k: v.to(device) for k, v in read_safetensors(files, "cpu", dtype, workers, chunk_bytes).items()}
     cuda = device.type == "cuda"
     headers = [(Path(f), read_safetensors_header(Path(f))) for f in files]  # every file checked before reading
     workers = workers or min(8 if cuda else 4, os.cpu_count() or 1)
@@ -299,7 +364,7 @@ def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: i
     state, jobs = {}, []
     try:
         for _ in range(workers if cuda else 0):
-            lane = {"stream": torch.cuda.Stream(device), "staging": [None, None],
+            lane = {"stream": torch.cuda.Stream(device), "staging": [None, None], "bytes": chunk_bytes,
                     "copied": [torch.cuda.Event(), torch.cuda.Event()], "turn": 0}
             # The tensors come from the default stream's pool: their memory may still be in use by work queued
             # there (a model being freed), which the copies must come after.
@@ -310,8 +375,8 @@ def read_safetensors(files, device, dtype: torch.dtype | None = None, workers: i
             for f, entries in headers:
                 for name, file_dtype, shape, start, end in entries:
                     out = state[name] = torch.empty(shape, dtype=dtype or file_dtype, device=device)
-                    for a in range(start, end, CHUNK_BYTES):
-                        b = min(end, a + CHUNK_BYTES)
+                    for a in range(start, end, chunk_bytes):
+                        b = min(end, a + chunk_bytes)
                         first = (a - start) // file_dtype.itemsize
                         dst = out.view(-1)[first : first + (b - a) // file_dtype.itemsize]
                         jobs.append(pool.submit(_read_chunk, f, a, b - a, dst, file_dtype, lanes if cuda else None))
@@ -343,7 +408,7 @@ def _read_chunk(f: Path, offset: int, n: int, dst: torch.Tensor, file_dtype: tor
     try:
         i = lane["turn"] = 1 - lane["turn"]
         if lane["staging"][i] is None:
-            lane["staging"][i] = torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
+            lane["staging"][i] = torch.empty(lane["bytes"], dtype=torch.uint8, pin_memory=True)
         buf = lane["staging"][i][:n]
         lane["copied"][i].synchronize()  # this buffer's previous copy has left it
         _read_into(f, offset, buf)
@@ -373,25 +438,35 @@ def _read_into(f: Path, offset: int, buf: torch.Tensor) -> None:
         raise _damaged(f, str(e)) from None
 
 
-def _assign_state(cfg: ModelConfig, state: dict, device, source: str) -> Decoder:
+def _assign_state(cfg: ModelConfig, state: dict, device, source: str, quantized: dict | None = None,
+                  compute_dtype: torch.dtype | None = None) -> Decoder:
+    """The decoder holding `state`; the weights in `quantized` (name -> quant.QuantizedWeight) become QuantLinear
+    modules computing in compute_dtype."""
     with torch.device("meta"):
         model = Decoder(cfg)
+    quantized = quantized or {}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     expected = set(shapes)
-    missing = sorted(expected - state.keys())
+    have = {**{k: v.shape for k, v in state.items()}, **{k: torch.Size(q.shape) for k, q in quantized.items()}}
+    missing = sorted(expected - have.keys())
     if missing:
         raise UserError(f"{source}: the weights lack {len(missing)} tensors the config needs (first: {missing[0]}); "
                         f"the checkpoint does not match its config.json.")
-    unknown = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
+    unknown = sorted(k for k in have.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise UserError(f"{source}: the weights hold tensors this architecture does not have (first: {unknown[0]}).")
     for k in expected:
         want = shapes[k]
-        if state[k].shape != want:
-            raise UserError(f"{source}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(want)}.")
-    model.load_state_dict({k: state[k] for k in expected}, assign=True)
+        if have[k] != want:
+            raise UserError(f"{source}: tensor {k} has shape {tuple(have[k])} but config.json implies {tuple(want)}.")
+    model.load_state_dict({k: state[k] for k in expected if k not in quantized}, assign=True, strict=not quantized)
+    for k, q in quantized.items():
+        name = k.removesuffix(".weight")
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, QuantLinear(q, linear.bias, compute_dtype or torch.float32))
     # The rotary frequencies are not in checkpoints: recompute the meta buffer on the device.
     model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
     return model.eval().requires_grad_(False)
@@ -409,14 +484,14 @@ def _finish(model, tokenizer, template, path, gen: dict) -> LoadedModel:
     return LoadedModel(model, tokenizer, template, path, eos_ids, defaults)
 
 
-def _load_gguf(path: Path, dtype, device) -> LoadedModel:
+def _load_gguf(path: Path, dtype, device, quant: QuantConfig | None = None) -> LoadedModel:
     gf = GGUFFile(path)
     meta, tensors = gf.metadata, gf.tensors
     arch = meta.get("general.architecture")
     raw = _gguf_config(meta, tensors, path)
     heads, kv_heads = raw["num_attention_heads"], raw["num_key_value_heads"]
     cfg = ModelConfig.from_hf(raw, str(path))
-    state = {}
+    state, quantized = {}, {}
     for name in tensors:
         hf = gguf_to_hf_name(name)
         if hf is None:
@@ -426,8 +501,13 @@ def _load_gguf(path: Path, dtype, device) -> LoadedModel:
             # llama.cpp's converter interleaves the rotary halves of q/k rows for llama; undo it.
             n = heads if "attn_q" in name else (kv_heads or heads)
             w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-        state[hf] = w.to(device=device, dtype=dtype)
-    model = _assign_state(cfg, state, device, str(path))
+        w = w.to(device=device, dtype=dtype)
+        if quant is not None and is_quant_target(hf):  # dequantized from GGUF's format, then quantized with bnb
+            quantized[hf] = quantize(w, quant)
+        else:
+            state[hf] = w
+        del w
+    model = _assign_state(cfg, state, device, str(path), quantized, quant.compute_dtype or dtype if quant else None)
     tokenizer = Tokenizer.from_gguf(meta)
     template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer)
     eos = meta.get("tokenizer.ggml.eos_token_id")

@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import UserError
+from tunesmith.model.quant import QuantLinear
+
+# What LoRA wraps: plain linears, and the quantized frozen ones of a 4/8-bit base (model/quant.py, QLoRA).
+LINEARS = (nn.Linear, QuantLinear)
 
 # What "all-linear" means: every projection inside the decoder layers; never lm_head or embeddings (vLLM refuses
 # adapters on those, and they are the largest matrices).
@@ -216,7 +220,7 @@ def stack_lora_inputs(model: nn.Module) -> None:
 
 def target_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Module names LoRA will wrap. 'all-linear' | suffix names ('q_proj') | one regex (PEFT: fullmatch)."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    linear = [n for n, m in model.named_modules() if isinstance(m, LINEARS) and ".layers." in f".{n}"]
     if len(targets) == 1 and targets[0] in ("all-linear", "all_linear", "all"):
         return [n for n in linear if n.rsplit(".", 1)[-1] in ALL_LINEAR]
     if len(targets) == 1 and re.search(r"[\\^$*+?()\[\]|]", targets[0]):
@@ -301,9 +305,28 @@ def save_adapter(model: nn.Module, out_dir: Path, cfg: LoraConfig, base_model: s
 
     state = adapter_state(model, name)
     modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in state})
-    save_file({k: v.float().cpu() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(peft_config(cfg, modules, base_model), indent=2))
+    from tunesmith.files import writing
+
+    with writing(out_dir / "adapter_model.safetensors"):
+        save_file({k: v.float().cpu() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    with writing(out_dir / "adapter_config.json"):
+        (out_dir / "adapter_config.json").write_text(json.dumps(peft_config(cfg, modules, base_model), indent=2))
+
+
+def read_adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors; a missing, damaged or truncated file is one sentence naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{ckpt}: no adapter_model.safetensors; --adapters needs a LoRA checkpoint folder.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (safetensors' header, size and JSON errors: the file is damaged)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160].rstrip(".")
+        raise UserError(f"{path} is damaged or truncated ({reason}); use an earlier checkpoint, or copy this one "
+                        f"again.") from None
 
 
 def read_adapter_config(ckpt: Path) -> dict:
@@ -316,18 +339,30 @@ def read_adapter_config(ckpt: Path) -> dict:
     return read_json(path)
 
 
+def check_adapter_config(raw, ckpt: Path) -> None:
+    """The fields a LoRA adapter_config.json must hold; a damaged one is one sentence naming the file."""
+    fields = {"r": int, "lora_alpha": (int, float), "target_modules": (list, str)}
+    bad = [k for k, t in fields.items() if not isinstance(raw, dict) or not isinstance(raw.get(k), t)
+           or isinstance(raw.get(k), bool)]
+    if bad:
+        raise UserError(f"{Path(ckpt) / 'adapter_config.json'} is damaged ({', '.join(repr(k) for k in bad)} "
+                        f"{'is' if len(bad) == 1 else 'are'} missing or not valid); use an earlier checkpoint, or "
+                        f"copy this one again.")
+
+
 def load_adapter(model: nn.Module, ckpt: Path, name: str = "default") -> LoraConfig:
     """Add a saved PEFT LoRA adapter to the model under `name` and make it active."""
-    from safetensors.torch import load_file
-
     raw = read_adapter_config(ckpt)
     if raw.get("use_dora") or raw.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{ckpt}: only plain LoRA adapters are supported (this one is {raw.get('peft_type')}, "
                         f"use_dora={raw.get('use_dora')}).")
-    cfg = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=0.0, target_modules=tuple(raw["target_modules"]))
-    state = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+    check_adapter_config(raw, ckpt)
+    targets = raw["target_modules"]
+    cfg = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=0.0,
+                     target_modules=(targets,) if isinstance(targets, str) else tuple(targets))
+    state = read_adapter_weights(ckpt)
     modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in state})
-    known = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+    known = {n for n, m in model.named_modules() if isinstance(m, (*LINEARS, LoRALinear))}
     missing = [m for m in modules if m not in known]
     if missing:
         raise UserError(f"{ckpt}: the adapter targets {missing[0]}, which this base model does not have; "
@@ -336,7 +371,10 @@ def load_adapter(model: nn.Module, ckpt: Path, name: str = "default") -> LoraCon
     for n, m in lora_modules(model):
         if n not in modules:
             continue
-        a, b = state[f"base_model.model.{n}.lora_A.weight"], state[f"base_model.model.{n}.lora_B.weight"]
+        a, b = state.get(f"base_model.model.{n}.lora_A.weight"), state.get(f"base_model.model.{n}.lora_B.weight")
+        if a is None or b is None:
+            raise UserError(f"{Path(ckpt) / 'adapter_model.safetensors'} is damaged (it lacks the lora_A or lora_B "
+                            f"tensor of {n}); use an earlier checkpoint, or copy this one again.")
         if a.shape != m.lora_A[name].weight.shape or b.shape != m.lora_B[name].weight.shape:
             raise UserError(f"{ckpt}: adapter tensor shapes for {n} ({tuple(b.shape)} x {tuple(a.shape)}) do not fit "
                             f"this base model; it was trained for a different base model (pass it with --model).")
@@ -350,7 +388,13 @@ def load_adapter(model: nn.Module, ckpt: Path, name: str = "default") -> LoraCon
 def merge_lora(model: nn.Module, name: str = "default") -> None:
     """Fold adapter `name` into the base weights (fp32 math, cast back) and unwrap every LoRALinear.
 
-    Idempotent by construction: after merging there are no LoRA modules left to apply a second time."""
+    Idempotent by construction: after merging there are no LoRA modules left to apply a second time. A quantized
+    base (QuantLinear) is refused: its integers cannot hold W + BA."""
+    quantized = next((m.base_layer for _, m in lora_modules(model) if isinstance(m.base_layer, QuantLinear)), None)
+    if quantized is not None:
+        raise UserError(f"--merge_lora true cannot merge into a base quantized to {quantized.bits} bits; merge into the "
+                        f"full-precision base with `tunesmith export --adapters CKPT --merge_lora true`, or load the "
+                        f"base unquantized with --quant_method none.")
     for full, m in lora_modules(model):
         base = m.base_layer
         if name in m.lora_A:

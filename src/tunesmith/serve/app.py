@@ -9,13 +9,23 @@ The model loads in a background thread after the port opens: /health answers 503
 Every error is OpenAI's envelope {"error": {"message", "type", "param", "code"}} with the matching status; user
 input never causes a 500. Where we differ from OpenAI:
   * a request that runs past --request_timeout ends with 408 (mid-stream: an error event before [DONE]);
-  * vLLM's extension fields `top_k` and `repetition_penalty` are accepted; logprobs and echo are refused (400).
+  * vLLM's extension fields `top_k` and `repetition_penalty` are accepted; logprobs and echo are refused (400);
+  * sampling values outside decode/limits.py's numerically safe ranges are refused (400): temperature 0 or in
+    [1e-4, 2], top_p in [1e-4, 1], repetition_penalty in [0.01, 100]; max_tokens at most the model length
+    (--max_model_len), n at most 16, prompts x n at most MAX_CHOICES per request;
+  * a body that has not fully arrived within BODY_TIMEOUT seconds is answered 408; JSON nested deeper than
+    MAX_JSON_DEPTH, or holding a lone UTF-16 surrogate, is a 400;
+  * without --api_key the server answers only requests whose Host is a loopback name (localhost, 127.0.0.1, [::1]:
+    a web page cannot reach it through DNS rebinding) and JSON routes take only `Content-Type: application/json`
+    (a cross-site form post cannot reach them); with --api_key the key guards both;
+  * on shutdown, open streams end with an error event and `data: [DONE]` (serve/server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import sys
 import threading
@@ -33,18 +43,25 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tunesmith.args import DeployArgs
 from tunesmith.errors import UserError
 from tunesmith.decode.generator import Generator
+from tunesmith.decode.limits import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P
 from tunesmith.decode.sampling import SamplingConfig, with_defaults
 from tunesmith.runs import read_checkpoint_args
-from tunesmith.serve.engine import Engine, EngineBusy, Job, log
+from tunesmith.serve.engine import Engine, EngineBusy, EngineStopping, Job, log
 from tunesmith.session import Session, sampling_from
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # 1 MiB of JSON is ~250k tokens of text, far past any context we serve
 DRAIN_LIMIT = 16 << 20  # an oversized body is read (and dropped) up to here so the client sees the 413
+BODY_TIMEOUT = 30.0  # seconds for a request's whole body to arrive (a half-sent body must not hold a connection)
+MAX_JSON_DEPTH = 64  # the deepest nesting a request body may have (OpenAI's requests need ~6)
+MAX_N = 16  # choices per request
+MAX_CHOICES = 512  # answers per request: prompts x n (each is a row of the batch for as long as it decodes)
+MAX_STOP = 16  # stop strings per request (each is searched for after every token)
 PAGE_HEADERS = {  # the page needs nothing from elsewhere; no inline script can run even if text slipped into HTML
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
                                "frame-ancestors 'none'",
@@ -63,7 +80,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else {}
+        if self.status in (408, 413):  # the body may be unread: the connection cannot carry another request
+            headers["Connection"] = "close"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -78,15 +97,15 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None  # None: the first adapter, else the base model
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # (0, MIN_TEMPERATURE) is refused by Backend.sampling
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     max_tokens: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-turn before this many tokens (benchmarks)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
@@ -129,23 +148,116 @@ def validation_error(errors) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {first.get('msg')}.", param=param)
 
 
-async def read_json(request: Request):
-    """The JSON body, at most MAX_BODY bytes (413 beyond; 400 when it is not JSON)."""
+async def read_json(request: Request, json_only: bool = False):
+    """The JSON body, at most MAX_BODY bytes (413 beyond), fully arrived within BODY_TIMEOUT seconds (408), parsed
+    (400 when it is not JSON, nests deeper than MAX_JSON_DEPTH or holds a lone surrogate). json_only: refuse
+    bodies not declared `Content-Type: application/json` (415), which a web page can send elsewhere only after
+    asking the server (CORS), so a cross-site form post never gets here."""
+    if json_only:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, f"This route takes a JSON body sent with 'Content-Type: application/json' (got "
+                                f"'{media or 'none'}').", code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > MAX_BODY
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > DRAIN_LIMIT:
-            break
-        if not too_big and size <= MAX_BODY:
-            chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > DRAIN_LIMIT:
+                    break
+                if not too_big and size <= MAX_BODY:
+                    chunks.append(chunk)
+    except TimeoutError:
+        log.warning("%s %s: the request body did not arrive within %.0f s", request.method, request.url.path,
+                    BODY_TIMEOUT)
+        raise ApiError(408, f"The request body did not arrive within {BODY_TIMEOUT:.0f} s.", code="request_timeout")
+    except ClientDisconnect:  # nobody will read the answer: one line in the log, no traceback
+        log.warning("%s %s: the client disconnected before sending the whole body", request.method, request.url.path)
+        raise ApiError(400, "The client disconnected before sending the whole body.", code="client_disconnected")
     if too_big or size > MAX_BODY:
         raise ApiError(413, f"The request body is larger than {MAX_BODY >> 20} MiB.", code="request_too_large")
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"We could not parse the JSON body of your request ({e}).", code="invalid_json")
+    except RecursionError:
+        raise too_deep()
+    check_json(body)
+    return body
+
+
+def too_deep() -> ApiError:
+    return ApiError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+
+
+def check_json(value) -> None:
+    """400 for a parsed body nested deeper than MAX_JSON_DEPTH or holding a string that is not valid Unicode (a lone
+    surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or template can take)."""
+    if isinstance(value, str):
+        check_text(value)
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:  # iterative: no recursion for hostile nesting; numbers are skipped at once (a 1 MiB list of them)
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep()
+        if isinstance(v, dict):
+            for k in v:
+                check_text(k)
+            v = v.values()
+        for x in v:
+            if isinstance(x, str):
+                check_text(x)
+            elif isinstance(x, (list, dict)):
+                stack.append((x, depth + 1))
+
+
+def check_text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = s[e.start].encode("unicode_escape").decode()
+        raise ApiError(400, f"The request holds a lone UTF-16 surrogate ({bad}), which is not valid Unicode text.",
+                       code="invalid_json")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether an HTTP Host header names this machine by a loopback name: localhost, 127.0.0.0/8 or [::1], any
+    port. A DNS-rebinding page reaches a loopback port only under its own (non-loopback) name."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        name = host.split(":")[0]
+    else:
+        name = host
+    name = name.rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHostOnly:
+    """ASGI middleware: requests whose Host header is not a loopback name get a 403 in OpenAI's envelope (used
+    when the server has no --api_key, so that no web page can drive it through DNS rebinding)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if not is_loopback_host(host):
+                error = ApiError(403, f"Host '{host[:100]}' is not allowed: without --api_key this server answers only "
+                                      f"requests to localhost, 127.0.0.1 or [::1]; start it with --api_key to "
+                                      f"serve other names.", code="host_not_allowed")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---- what is served ----------------------------------------------------------------------------------------
@@ -231,14 +343,34 @@ class Backend:
                            param="model", code="model_not_found")
         return self.models[name]
 
-    def sampling(self, req: SamplingFields, max_tokens: int | None) -> SamplingConfig:
+    def sampling(self, req: SamplingFields, max_tokens: int | None, max_tokens_param: str = "max_tokens"
+                 ) -> SamplingConfig:
+        """The request's sampling values over the server's defaults, after the checks that pydantic's field bounds
+        cannot express (one sentence naming the field)."""
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported by this server.", param="logprobs")
+        if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
+            raise ApiError(400, f"Invalid value for 'temperature': it must be 0 (greedy) or at least {MIN_TEMPERATURE} "
+                                f"(got {req.temperature}).", param="temperature")
+        limit = self.engine.capacity
+        for name, value in ((max_tokens_param, max_tokens), ("min_tokens", req.min_tokens)):
+            if value is not None and value > limit:
+                raise ApiError(400, f"Invalid value for '{name}': {value} is more than this model's maximum length of "
+                                    f"{limit} tokens (prompt + answer); ask for fewer.", param=name)
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        if stop is not None and len(stop) > MAX_STOP:
+            raise ApiError(400, f"Invalid value for 'stop': at most {MAX_STOP} stop strings (got {len(stop)}).",
+                           param="stop")
         return with_defaults(self.defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens, seed=req.seed,
                              min_new_tokens=req.min_tokens,
                              stop=tuple(s for s in stop if s) if stop is not None else None)
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: refuse new requests and end open ones now (serve/server.py calls this before
+        uvicorn's graceful shutdown, so streams end with an error event and [DONE] instead of being cut)."""
+        if self.engine is not None:
+            self.engine.begin_stop()
 
     def check_context(self, ids: list[int], param: str) -> None:
         limit = self.engine.capacity
@@ -268,6 +400,9 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
+    if not args.api_key:  # nothing else guards it: only this machine, by a loopback name (no DNS rebinding)
+        app.add_middleware(LoopbackHostOnly)
+    json_only = not args.api_key  # and no cross-site form posts (a key in a header already rules those out)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -314,39 +449,44 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
-        req = parse_body(ChatRequest, await read_json(request))
+        req = parse_body(ChatRequest, await read_json(request, json_only))
         served = backend.resolve(req.model)
         messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
-        try:
-            ids = backend.generator.chat_prompt(messages, served.system)
+        cfg = backend.sampling(req, req.max_completion_tokens or req.max_tokens,
+                               "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        try:  # off the event loop: a long conversation takes a while to render and tokenize
+            ids = await asyncio.to_thread(backend.generator.chat_prompt, messages, served.system)
         except (jinja2.TemplateError, UserError) as e:
             raise ApiError(400, f"The chat template refused these messages: {e}", param="messages")
         backend.check_context(ids, "messages")
-        cfg = backend.sampling(req, req.max_completion_tokens or req.max_tokens)
         prompts = [(ids, seeded(cfg, i)) for i in range(req.n)]
         return await respond(request, backend, served, prompts, len(ids), req, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request):
-        req = parse_body(CompletionRequest, await read_json(request))
+        req = parse_body(CompletionRequest, await read_json(request, json_only))
         served = backend.resolve(req.model)
         if req.echo:
             raise ApiError(400, "echo is not supported by this server.", param="echo")
         texts = prompt_list(req.prompt)
+        if len(texts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"This request asks for {len(texts) * req.n} answers ({len(texts)} prompts x "
+                                f"n={req.n}); at most {MAX_CHOICES} per request.", param="prompt")
+        cfg = backend.sampling(req, req.max_tokens if req.max_tokens is not None else 16)  # OpenAI's default: 16
         vocab = backend.generator.model.config.vocab_size
         tok, lm = backend.generator.tokenizer, backend.session.lm
         # Raw text gets the BOS token when the model's own chat template starts turns with one (Llama), as HF does.
         bos = tok.token_id(tok.special.get("bos_token")) if "bos_token" in lm.template.source else None
+        encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else None for p in texts])
         id_lists = []
-        for p in texts:
-            ids = ([bos] if bos is not None else []) + tok.encode(p) if isinstance(p, str) else p
+        for p, enc in zip(texts, encoded):
+            ids = ([bos] if bos is not None else []) + enc if isinstance(p, str) else p
             if not ids:
                 raise ApiError(400, "The prompt is empty.", param="prompt")
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
             backend.check_context(ids, "prompt")
             id_lists.append(ids)
-        cfg = backend.sampling(req, req.max_tokens if req.max_tokens is not None else 16)  # OpenAI's default: 16
         prompts = [(ids, seeded(cfg, j)) for ids in id_lists for j in range(req.n)]
         return await respond(request, backend, served, prompts, sum(map(len, id_lists)), req, chat=False)
 
@@ -385,7 +525,7 @@ def prompt_list(prompt) -> list:
 
 def seeded(cfg: SamplingConfig, i: int) -> SamplingConfig:
     """Choice i of n: with a seed, each choice gets its own (seed + i) so the n answers differ reproducibly."""
-    return cfg if cfg.seed is None or i == 0 else replace(cfg, seed=cfg.seed + i)
+    return cfg if cfg.seed is None or i == 0 else replace(cfg, seed=(cfg.seed + i + 2**63) % 2**64 - 2**63)
 
 
 # ---- answering ---------------------------------------------------------------------------------------------
@@ -395,6 +535,8 @@ async def respond(request: Request, backend: Backend, served: ServedModel, promp
     job = Job(served.adapter, prompts, backend.args.request_timeout)
     try:
         backend.engine.submit(job)
+    except EngineStopping as e:
+        raise ApiError(503, str(e), code="server_shutdown")
     except EngineBusy as e:
         raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -8,6 +8,11 @@ cache's size is fixed at start (--max_num_seqs rows x --max_model_len tokens); r
 in the queue, and beyond --max_concurrency queued + decoding the server answers 429. Each step's text goes back to
 the asyncio side with `loop.call_soon_threadsafe` into the request's own asyncio.Queue.
 
+Rows are shared fairly between requests: a free row goes to the waiting request that holds the fewest rows (ties
+in arrival order), and a request that already holds a row never takes the last free one, which is kept for a
+request that holds none. So one request with hundreds of prompts (or n choices) runs beside other users' chats
+instead of ahead of them: a newcomer's first token waits for a step or two, not for the whole batch.
+
 A request stops early when its cancel flag is set (the client disconnected) or its deadline passes; both are
 checked before every step, and either way its rows are free for the next request at once.
 """
@@ -31,6 +36,10 @@ log = logging.getLogger("tunesmith.serve")
 
 class EngineBusy(Exception):
     """More requests are in flight than --max_concurrency allows."""
+
+
+class EngineStopping(EngineBusy):
+    """The server is shutting down: no new requests."""
 
 
 @dataclass
@@ -104,13 +113,18 @@ class Engine:
     @property
     def in_flight(self) -> int:
         with self._cv:
-            return len(self._waiting) + len(self._active)
+            return self._requests()
+
+    def _requests(self) -> int:
+        """Requests queued or decoding (under the lock). A request whose prompts have only partly joined is in
+        both lists (the ones with rows already are in _active): it counts once."""
+        return len(self._active) + sum(1 for job in self._waiting if job._joined == 0)
 
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._stopping:
-                raise EngineBusy("the server is shutting down.")
-            if len(self._waiting) + len(self._active) >= self.max_requests:
+                raise EngineStopping("The server is shutting down; retry on another instance or after it restarts.")
+            if self._requests() >= self.max_requests:
                 raise EngineBusy(f"the server is busy ({self.max_requests} requests in flight, the --max_concurrency "
                                  f"limit); retry shortly.")
             self._waiting.append(job)
@@ -125,10 +139,15 @@ class Engine:
                 self._waiting.remove(job)
         job._emit("failure", Failure(499, "the request was cancelled.", "cancelled"))
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Refuse new requests and end every queued and decoding one (a 503 failure: streams end with an error
+        event, then [DONE]) after the step in progress; returns at once."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
+
+    def stop(self) -> None:
+        self.begin_stop()
         self._thread.join(timeout=10)
 
     def warm_up(self) -> None:
@@ -185,18 +204,23 @@ class Engine:
                 self._leave(job)
 
     def _admit(self) -> None:
-        """Queued requests take free rows in arrival order (every choice of a request its own row)."""
+        """Queued requests take free rows (every choice of a request its own row), fairly: each free row goes to the
+        waiting request holding the fewest rows, the first to arrive among equals; a request holding rows already
+        takes only a row that is not the last free one."""
         while self.batch.free_rows:
+            last_row = self.batch.free_rows == 1
             with self._cv:
-                if not self._waiting:
+                held = {job: job._joined - job._done for job in self._waiting}
+                ready = [job for job in self._waiting if not (last_row and held[job] > 0)]
+                if not ready:
                     return
-                job = self._waiting[0]
+                job = min(ready, key=held.__getitem__)  # min keeps the first (oldest) of equals
                 if job not in self._active:
                     self._active.append(job)
                 i = job._joined
                 job._joined += 1
                 if job._joined == len(job.prompts):
-                    self._waiting.popleft()
+                    self._waiting.remove(job)
             ids, cfg = job.prompts[i]
             try:
                 self.batch.join((job, i), ids, cfg, job.adapter)  # its first token comes with the next step

@@ -87,6 +87,35 @@ class ChatTemplate:
         """Token ids of the conversation followed by the generation prompt (what a model continues)."""
         return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
 
+    def _content_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Where the messages' own text lies in `text` (their rendering), when some message holds the string of a
+        special token: that text is then tokenized as plain text (Tokenizer.encode_with_offsets), so a typed
+        `<|im_start|>` never becomes a real control token. Found by rendering with each content wrapped in
+        markers; a template that alters content so the markers cannot be placed is refused in one sentence."""
+        specials = [t for t in self.tokenizer.special_texts() if t]
+        found = next((t for m in messages for t in specials if isinstance(m.get("content"), str) and t in m["content"]),
+                     None)
+        if found is None:
+            return []
+        open_, close = "\ue000\ue001", "\ue001\ue000"
+        marked = self.render([dict(m, content=open_ + m["content"] + close) if isinstance(m.get("content"), str)
+                              else m for m in messages])
+        spans, plain, pos = [], [], 0
+        while True:
+            a, b = marked.find(open_, pos), marked.find(close, pos)
+            if a < 0 or b < a:
+                break
+            plain.append(marked[pos:a])
+            start = sum(map(len, plain))
+            plain.append(marked[a + len(open_):b])
+            spans.append((start, start + b - a - len(open_)))
+            pos = b + len(close)
+        plain.append(marked[pos:])
+        if "".join(plain) != text or len(spans) != sum(isinstance(m.get("content"), str) for m in messages):
+            raise UserError(f"a message holds the special token {found!r}, which this chat template's rendering "
+                            "cannot keep apart from its own; remove it from the data.")
+        return spans
+
     def encode(self, messages: list[dict]) -> Encoded:
         """Token ids of a whole conversation and the mask of assistant tokens (every assistant turn)."""
         text = self.render(messages)
@@ -103,7 +132,7 @@ class ChatTemplate:
                 raise UserError("the chat template is not prefix-stable, so assistant turns cannot be located; "
                                 "use a template that renders earlier turns the same way (e.g. --template chatml).")
             spans.append((start, end))
-        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        ids, offsets = self.tokenizer.encode_with_offsets(text, self._content_spans(messages, text))
         mask = []
         for a, b in offsets:
             mask.append(any(s <= a and b <= e and b > a for s, e in spans))

@@ -96,11 +96,58 @@ class Tokenizer:
         return cls(tok, special)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > 16384:  # the same ids; encode_batch lets other threads run meanwhile (encode holds the GIL:
+            # a 1 MiB text stalled the server's event loop ~1 s, /health included)
+            return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str,
+                            literal: list[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of `text`. Within the `literal` character spans (text a user wrote), the
+        strings of special tokens (`<|im_start|>`, ...) are encoded as plain text, never as the control tokens."""
         enc = self.tok.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
+        ids, offsets = enc.ids, enc.offsets
+        if not literal:
+            return ids, offsets
+        special = self.special_ids()
+        cuts: list[list[int]] = []  # character spans of special tokens that lie inside user text
+        for i, (a, b) in zip(ids, offsets):
+            if i in special and any(s <= a and b <= e for s, e in literal):
+                if cuts and cuts[-1][1] == a:
+                    cuts[-1][1] = b
+                else:
+                    cuts.append([a, b])
+        if not cuts:
+            return ids, offsets
+        pieces, pos = [], 0  # (start, end, plain): text between the cuts as before, the cuts as plain text
+        for a, b in cuts:
+            pieces += [(pos, a, False), (a, b, True)]
+            pos = b
+        pieces.append((pos, len(text), False))
+        out_ids, out_offsets = [], []
+        for start, end, plain in pieces:
+            if start < end:
+                enc = (self.plain() if plain else self.tok).encode(text[start:end], add_special_tokens=False)
+                out_ids += enc.ids
+                out_offsets += [(start + a, start + b) for a, b in enc.offsets]
+        return out_ids, out_offsets
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special (control) tokens: added tokens marked special."""
+        if not hasattr(self, "_special_ids"):
+            self._special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        return self._special_ids
+
+    def special_texts(self) -> list[str]:
+        """The strings of the special tokens, as they appear in text."""
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
+    def plain(self) -> HFTokenizer:
+        """A copy of the tokenizer that reads special-token strings as plain text."""
+        if not hasattr(self, "_plain"):
+            self._plain = HFTokenizer.from_str(self.tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -309,5 +309,11 @@ class SilentLog:
     def plot(self):
         return None
 
+    def resume(self, step: int) -> None:
+        pass
+
+    def end_line(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

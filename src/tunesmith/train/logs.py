@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from tunesmith.files import write_bytes_atomic, writing
 
 
 class RunLog:
@@ -30,13 +33,30 @@ class RunLog:
         rec["elapsed_time"] = _fmt(elapsed)
         rec["remaining_time"] = _fmt(elapsed / max(step, 1) * (self.total - step))
         self.records.append({"step": step, **rec})
-        with open(self.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        append_line(self.run_dir / "logging.jsonl", json.dumps(rec, ensure_ascii=False))
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}", v, step)
-            self._tb.flush()
+            with writing(self.run_dir / "runs"):
+                for k, v in values.items():
+                    if isinstance(v, (int, float)):
+                        tag = k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}"
+                        self._tb.add_scalar(tag, v, step)
+                self._tb.flush()
+
+    def resume(self, step: int) -> None:
+        """A run resumed at `step`: logging.jsonl keeps only its lines up to that step (a killed run may have logged
+        further), and TensorBoard purges its events after it, so no step is logged twice."""
+        path = self.run_dir / "logging.jsonl"
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _line_step(line) <= step]
+            if len(kept) != len(lines):
+                write_bytes_atomic(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept),
+                                                                          encoding="utf-8"))
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.run_dir / "runs"), purge_step=step + 1)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.quiet:
@@ -49,8 +69,16 @@ class RunLog:
         sys.stderr.write(f"\rTrain [{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
                          f"ETA {_fmt(eta)}   ")
         sys.stderr.flush()
+        self._line_open = step != self.total
         if step == self.total:
             sys.stderr.write("\n")
+
+    def end_line(self) -> None:
+        """End an unfinished progress line (a run stopped by an error), so the error starts a line of its own."""
+        if getattr(self, "_line_open", False):
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._line_open = False
 
     def plot(self) -> Path | None:
         """loss.png: train loss (and eval loss where present) against steps."""
@@ -74,13 +102,40 @@ class RunLog:
         ax.legend()
         fig.tight_layout()
         out = self.run_dir / "loss.png"
-        fig.savefig(out)
-        plt.close(fig)
+        try:  # atomically: a reader (or a full disk) never leaves half a PNG
+            write_bytes_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
+        finally:
+            plt.close(fig)
         return out
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a failed write (WriteError) cuts the file back to what it held, so no half line stays."""
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            data = memoryview((line + "\n").encode("utf-8"))
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+
+def _line_step(line: str) -> int:
+    """The step of a logging.jsonl line; a line that cannot be read counts as step 0 (kept)."""
+    try:
+        return int(str(json.loads(line).get("global_step/max_steps", "0")).split("/")[0])
+    except (ValueError, AttributeError, TypeError):
+        return 0
 
 
 def _fmt(seconds: float) -> str:

@@ -23,9 +23,10 @@ import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imp
 from tunesmith.args import SftArgs, to_dict
 from tunesmith.data.packing import Sample, pack_samples
 from tunesmith.errors import UserError
-from tunesmith.files import write_json
+from tunesmith.files import write_json, writing
 from tunesmith.model.load import LoadedModel, load_model
-from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter, stack_lora_inputs
+from tunesmith.model.lora import (LoraConfig, apply_lora, lora_modules, read_adapter_weights, save_adapter,
+                                  stack_lora_inputs)
 from tunesmith.runs import ARGS_FILE
 from tunesmith.train import checkpoint as ckpt_io
 from tunesmith.train import distributed
@@ -40,7 +41,8 @@ def resolve_defaults(args: SftArgs) -> SftArgs:
     """ms-swift's defaults that depend on other flags."""
     lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.train_type == "lora" else 1e-5)
     ga = args.gradient_accumulation_steps or max(1, math.ceil(16 / args.per_device_train_batch_size))
-    return replace(args, learning_rate=lr, gradient_accumulation_steps=ga,
+    quant_method = "bnb" if args.quant_bits and args.quant_method is None else args.quant_method  # bits alone: bnb
+    return replace(args, learning_rate=lr, gradient_accumulation_steps=ga, quant_method=quant_method,
                    eval_steps=args.eval_steps or args.save_steps,
                    packing=True if args.packing is None else args.packing,
                    data_seed=args.seed if args.data_seed is None else args.data_seed)
@@ -136,6 +138,8 @@ class Trainer:
         else:
             self.optimizer = AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
+        if self.dp.is_main:
+            ckpt_io.clean_leftovers(run_dir)  # what a killed run left: half-deleted or half-written checkpoints
         self.log = RunLog(run_dir, self.total_steps, quiet=quiet) if self.dp.is_main else SilentLog()
         self.best: tuple[float, Path] | None = None
         self.losses: list[float] = []
@@ -261,11 +265,13 @@ class Trainer:
 
         def write(tmp: Path):
             if self.args.train_type == "lora":
-                save_adapter(self.model, tmp, self.lora_cfg, str(self.lm.path))
+                with writing(tmp / "adapter_model.safetensors"):
+                    save_adapter(self.model, tmp, self.lora_cfg, str(self.lm.path))
             else:
                 from tunesmith.export.hf import save_hf_folder
 
-                save_hf_folder(lm, tmp, system=self.args.system)
+                with writing(tmp / "model.safetensors"):
+                    save_hf_folder(lm, tmp, system=self.args.system)
             if shards is not None:
                 os.replace(shards, tmp / distributed.OPTIMIZER_DIR)
             write_json(tmp / ARGS_FILE, self.checkpoint_args())
@@ -290,14 +296,16 @@ class Trainer:
         return path
 
     def resume(self, ckpt: Path) -> None:
-        from safetensors.torch import load_file
-
         state = ckpt_io.load_trainer_state(ckpt)
         if self.args.train_type == "lora":
-            weights = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+            weights = read_adapter_weights(ckpt)
             for n, m in lora_modules(self.model):
-                m.lora_A["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_A.weight"])
-                m.lora_B["default"].weight.data.copy_(weights[f"base_model.model.{n}.lora_B.weight"])
+                for part in ("lora_A", "lora_B"):
+                    w, dst = weights.get(f"base_model.model.{n}.{part}.weight"), getattr(m, part)["default"].weight
+                    if w is None or w.shape != dst.shape:
+                        raise ckpt_io.damaged(Path(ckpt) / "adapter_model.safetensors", ValueError(
+                            f"{n}.{part} is {'missing' if w is None else f'of shape {tuple(w.shape)}, not {tuple(dst.shape)}'}"))
+                    dst.data.copy_(w)
         else:
             self.dp.load_model_state(
                 self.model, lambda: load_model(ckpt, self.args.torch_dtype, self.device).model.state_dict())
@@ -310,6 +318,7 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.log.records = list(state.get("log", []))
+        self.log.resume(self.step)  # logging.jsonl and TensorBoard forget what came after the checkpoint
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
         if state.get("best"):

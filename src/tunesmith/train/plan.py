@@ -41,7 +41,7 @@ RECOMPUTE_FACTOR = 1.5  # lean's measured activations over its count of layer in
 CE_CHUNK = 512  # tokens per chunk of the lm_head + cross-entropy (train/loss.py)
 MARGIN = 1.10  # the allocator's fragmentation and temporaries the count leaves out
 HEADROOM_GIB = 0.5  # kept free on the device beyond the estimate
-NF4_BYTES = 0.5 + 4 / 64  # 4 bits a weight plus one fp32 absmax per block of 64
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits a weight, an 8-bit absmax per 64, fp32 per 256 of those
 
 # compile economics, H200 7B measurements (module docstring)
 COMPILE_FIRST_S = 20.0
