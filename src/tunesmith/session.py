@@ -11,11 +11,11 @@ from functools import cached_property
 from types import SimpleNamespace
 from pathlib import Path
 
-from tunesmith.args import GenArgs
+from tunesmith.args import GenArgs, check_quant
 from tunesmith.errors import UserError
 from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
-from tunesmith.model.load import LoadedModel, load_model, pick_device
+from tunesmith.model.load import LoadedModel, load_model, parse_dtype, pick_device
 from tunesmith.model.lora import load_adapter, merge_lora, set_active_adapter
 from tunesmith.model.quant import QuantConfig, dequantize_linears, is_quantized
 from tunesmith.runs import read_checkpoint_args
@@ -63,7 +63,8 @@ def generation_quant(args: GenArgs, ckpt_args: dict) -> QuantConfig | None:
     """The base's quantization: the flags when given (--quant_method none: unquantized), else the one the checkpoint
     was trained on (its args.json), so that the adapter runs over the base it learned on."""
     if getattr(args, "quant_method", None) or getattr(args, "quant_bits", None):
-        return QuantConfig.from_args(args, args.torch_dtype)
+        check_quant(args)
+        return QuantConfig.from_args(args, parse_dtype(args.torch_dtype))
     if not ckpt_args.get("quant_bits") or ckpt_args.get("quant_method") == "none":
         return None
     trained = SimpleNamespace(
@@ -71,7 +72,7 @@ def generation_quant(args: GenArgs, ckpt_args: dict) -> QuantConfig | None:
         bnb_4bit_quant_type=ckpt_args.get("bnb_4bit_quant_type") or "nf4",
         bnb_4bit_use_double_quant=ckpt_args.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=getattr(args, "bnb_4bit_compute_dtype", None) or ckpt_args.get("bnb_4bit_compute_dtype"))
-    return QuantConfig.from_args(trained, args.torch_dtype)
+    return QuantConfig.from_args(trained, parse_dtype(args.torch_dtype))
 
 
 def load_for_generation(args: GenArgs, device: str | None = None, unquantized: bool = False) -> Session:

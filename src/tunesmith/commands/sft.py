@@ -221,7 +221,7 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
             args = plan_base(args, train_convs, device, quiet)  # a 4-bit base when bf16 cannot fit
         warm = threading.Thread(target=prewarm, daemon=True)
         warm.start()
-        lm = load_model(args.model, dtype, device, QuantConfig.from_args(args, dtype))
+        lm = load_model(args.model, dtype, device, QuantConfig.from_args(args, parse_dtype(dtype)))
         warm.join()
     phases.mark("load")
     quantized = next((m for _, m in quant_modules(lm.model)), None)

@@ -55,6 +55,9 @@ def _bnb():
     return BF
 
 
+SHORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # what --bnb_4bit_compute_dtype accepts
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int  # 4 | 8
@@ -63,19 +66,16 @@ class QuantConfig:
     compute_dtype: torch.dtype | None = None  # None: the dtype the model loads in
 
     @classmethod
-    def from_args(cls, args, dtype=None) -> "QuantConfig | None":
-        """The quantization `args` ask for (SftArgs, GenArgs: --quant_method/--quant_bits/--bnb_4bit_*), None for
-        none; bad combinations are one sentence (args.check_quant)."""
-        from tunesmith.args import check_quant
-        from tunesmith.model.load import parse_dtype
-
-        check_quant(args)
+    def from_args(cls, args, dtype: torch.dtype | None = None) -> "QuantConfig | None":
+        """The quantization `args` ask for (SftArgs, GenArgs: --quant_method/--quant_bits/--bnb_4bit_*, checked by
+        args.check_quant), None for none. dtype: the model's (the default compute dtype)."""
         bits = getattr(args, "quant_bits", None)
         if not bits or getattr(args, "quant_method", None) == "none":
             return None
         compute = getattr(args, "bnb_4bit_compute_dtype", None)
         return cls(bits=int(bits), quant_type=args.bnb_4bit_quant_type, double_quant=bool(args.bnb_4bit_use_double_quant),
-                   compute_dtype=parse_dtype(compute) if compute and compute != "auto" else parse_dtype(dtype))
+                   compute_dtype=getattr(torch, SHORT_DTYPES.get(compute, compute)) if compute and compute != "auto"
+                   else dtype)
 
     def describe(self) -> str:
         if self.bits == 8:
