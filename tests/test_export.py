@@ -334,6 +334,7 @@ def test_qwen_merged_folder_and_gguf(qwen_merged):
     assert a.token_ids == b.token_ids and len(a.token_ids) > 0
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_plain_model_to_gguf(qwen_tiny_dir, tmp_path, capsys):
     """`export --model DIR --to_gguf`: no adapter; bf16 weights go into a bf16 GGUF bit for bit."""
     assert export("--model", qwen_tiny_dir) == 1

@@ -91,6 +91,7 @@ def test_sampling_controls(smollm):
     assert "".join(d.text for d in deltas) == base.text[:cut] and deltas[-1].finish_reason == "stop"
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_batch_equals_single_with_stop_strings_and_repetition_penalty(smollm):
     gen = Generator(smollm)
     prompts = [gen.chat_prompt(user("Tell me a story about a cat.")), gen.chat_prompt(user("Hi"))]
@@ -125,6 +126,7 @@ def test_incremental_detokenizing_equals_decoding_the_whole_answer(smollm):
     assert stopped and text + out.rest() == tok.decode(ids).split("首都")[0]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_chinese_streams_whole_characters(smollm):
     gen = Generator(smollm)
     ids = gen.chat_prompt(user("请用中文介绍一下北京。"), system="请用中文回答。")

@@ -118,6 +118,7 @@ def test_adapter_found_from_checkpoint_answers_like_generator(adapted, smollm):
     assert p.stdout.rstrip("\n") == want
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_merge_lora_gives_identical_greedy_text(adapted, capsys):
     ckpt, lm = adapted
     want = Generator(lm).complete(Generator(lm).chat_prompt(user(QUESTION), SYSTEM), greedy(16)).text
