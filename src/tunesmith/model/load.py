@@ -174,7 +174,12 @@ def cpu_compute_dtype(dtype: str | torch.dtype | None, device) -> tuple[str | to
                 best = min(best, time.perf_counter() - t)
             return 2 * 64 * 256 * 256 / max(best, 1e-9) / 1e9
 
-        _cpu_rates[want] = (rate(want), rate(torch.float32))
+        slow, fp32 = rate(want), rate(torch.float32)
+        for _ in range(3):  # a busy moment can make native bf16 look slow: a fallback needs three agreeing looks
+            if slow * 4 >= fp32:
+                break
+            slow, fp32 = max(slow, rate(want)), min(fp32, rate(torch.float32))
+        _cpu_rates[want] = (slow, fp32)
     slow, fp32 = _cpu_rates[want]
     if slow * 4 >= fp32:
         return dtype, None
