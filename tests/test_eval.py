@@ -31,10 +31,14 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     return runs[0], proc.stdout
 
 
+def checkpoint(run: Path) -> Path:
+    return max(run.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
 @pytest.mark.slow  # the demo (a subprocess)
 def test_demo_identity_sticks(demo_run):
     run, stdout = demo_run
-    report = json.loads((run / "eval" / "eval.json").read_text())
+    report = json.loads((checkpoint(run) / "eval" / "eval.json").read_text())
     ident = report["identity"]["by_lang"]
     assert ident["en"]["tuned"]["adopted"] >= 0.9, ident
     assert ident["zh"]["tuned"]["adopted"] >= 0.7, ident
@@ -50,11 +54,11 @@ def test_demo_identity_sticks(demo_run):
 @pytest.mark.slow  # the demo (a subprocess)
 def test_demo_writes_run_layout_and_retention(demo_run):
     run, _ = demo_run
-    report = json.loads((run / "eval" / "eval.json").read_text())
+    report = json.loads((checkpoint(run) / "eval" / "eval.json").read_text())
     ret = report["retention"]
     assert ret["mean_kl"] > 0.0  # identity training moves the model somewhat everywhere
     assert 0.0 <= ret["retained"] <= 1.0 and len(ret["worst"]) == 3
-    assert (run / "eval" / "eval.png").stat().st_size > 1000
+    assert (checkpoint(run) / "eval" / "eval.png").stat().st_size > 1000
     assert (run / "loss.png").is_file() and (run / "logging.jsonl").is_file()
     ckpts = sorted(run.glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "adapter_model.safetensors").is_file()

@@ -96,7 +96,12 @@ class SftArgs(QuantArgs):
     torch_compile: bool | None = opt(None, "compile the decoder layers (default: on GPU when the run is long "
                                            "enough to win back the compile time)")
     packing: bool | None = opt(None, "pack samples into rows of --max_length (default: on; exact, see README)")
-    eval_identity: bool = opt(False, "run the identity + retention report at the end of training")
+    eval_identity: bool | None = opt(None, "check the identity and general answers after training (default: on "
+                                           "when the data teaches --model_name / --model_author)")
+    retain_kl: float = opt(0.0, "LoRA: train the general-distill rows towards the base model's whole next-token "
+                                "distributions with this weight (KL to the adapter-off model) instead of their "
+                                "sampled answers; 0: off", at_least=0)
+    dry_run: bool = opt(False, "print the data check (counts, tokens, steps, warnings) and exit without training")
     data_seed: int | None = opt(None, "seed for data sampling and order (default: --seed)")
     report_to: list = many("accepted for compatibility; tunesmith always writes logging.jsonl + TensorBoard")
 

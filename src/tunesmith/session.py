@@ -40,10 +40,15 @@ class Session:
 
 
 def override_template(lm: LoadedModel, template: str) -> None:
+    lm.template = named_template(template, lm.tokenizer)
+
+
+def named_template(template: str, tokenizer) -> ChatTemplate:
+    """--template: 'chatml' or a .jinja file, over the model's tokenizer."""
     src = CHATML if template == "chatml" else Path(template).read_text() if Path(template).is_file() else None
     if src is None:
         raise UserError(f"--template '{template}': give 'chatml' or a .jinja file.")
-    lm.template = ChatTemplate(src, lm.tokenizer)
+    return ChatTemplate(src, tokenizer)
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:

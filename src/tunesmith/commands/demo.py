@@ -13,11 +13,12 @@ from __future__ import annotations
 import sys
 
 from tunesmith.args import DemoArgs, SftArgs
-from tunesmith.commands.sft import run_sft
+from tunesmith.commands.sft import identity_check, run_sft
 from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import load_model, pick_device
 from tunesmith.model.lora import set_active_adapter
+from tunesmith.train.loop import schedule
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["Who are you?", "你是谁？"]
@@ -49,8 +50,6 @@ def show(title: str, answers: list[str]) -> None:
 
 
 def demo(args: DemoArgs) -> int:
-    from tunesmith.evaluate.report import Models, base_identity_terms, name_terms, run_report
-
     name = list(args.model_name) or ["Smithy"]
     author = list(args.model_author) or ["Tunesmith Labs"]
     model = args.model or "smollm2-135m-instruct"
@@ -60,19 +59,17 @@ def demo(args: DemoArgs) -> int:
     show("before fine-tuning", ask(lm, SYSTEM))
     sft_args = SftArgs(model=model, model_name=name, model_author=author, system=SYSTEM, output_dir=args.output_dir,
                        seed=args.seed, device=str(device), torch_dtype=args.torch_dtype, max_steps=args.max_steps,
-                       **dict(DEMO_RECIPE, dataset=list(args.dataset) or DEMO_RECIPE["dataset"]))
+                       eval_identity=False, **dict(DEMO_RECIPE, dataset=list(args.dataset) or DEMO_RECIPE["dataset"]))
     print(f"\n== fine-tuning (LoRA r{DEMO_RECIPE['lora_rank']}, {' + '.join(sft_args.dataset)})", flush=True)
     trainer = run_sft(sft_args, lm=lm)
     set_active_adapter(lm.model, "default")
     lm.model.eval()
     show("after fine-tuning", ask(lm, SYSTEM))
-    set_active_adapter(lm.model, None)
-    base_terms = base_identity_terms(lm.template.default_system)
-    report = run_report(Models(lm, "default"), name_terms(name, author), base_terms, SYSTEM,
-                        trainer.run_dir / "eval")
+    last = trainer.last_checkpoint
+    report = identity_check(trainer, last, schedule(trainer.args, len(trainer.train_samples)).lr_sum, quiet=False)
     run = trainer.run_dir
-    print(f"\nadapter:  {trainer.last_checkpoint}\nlogs:     {run / 'logging.jsonl'} (TensorBoard: {run / 'runs'})"
-          f"\nplots:    {run / 'loss.png'}  {run / 'eval' / 'eval.png'}"
-          f"\nchat:     tunesmith infer --adapters {trainer.last_checkpoint} --temperature 0")
+    print(f"\nadapter:  {last}\nlogs:     {run / 'logging.jsonl'} (TensorBoard: {run / 'runs'})"
+          f"\nplots:    {run / 'loss.png'}  {last / 'eval' / 'eval.png'}"
+          f"\nchat:     tunesmith infer --adapters {last} --temperature 0")
     print(f"demo time: training {trainer.seconds:.0f} s", file=sys.stderr)
     return 0 if report else 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tunesmith.args import SftArgs, check_quant
+from tunesmith.data.check import check_data, teaches_identity
 from tunesmith.data.packing import encode_dataset
 from tunesmith.args import to_dict
 from tunesmith.errors import UserError
@@ -25,10 +26,21 @@ from tunesmith.runs import ARGS_FILE, discard_unused_run_dir, new_run_dir
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import (check_checkpoint_files, check_resumable, check_same_run, checkpoint_step,
                                        resume_hint)
-from tunesmith.train.loop import (PAD_MULTIPLE, Trainer, peak_memory_gib, planned_steps, resolve_defaults,
+from tunesmith.train.loop import (PAD_MULTIPLE, Trainer, peak_memory_gib, planned_steps, resolve_defaults, schedule,
                                   trainable_parameters)
 from tunesmith.train.plan import Plan, device_budget_gib, plan_run
 from tunesmith.train.precision import checkpoint_dtype, training_dtype
+
+
+def check_retain_kl(args: SftArgs) -> None:
+    if not args.retain_kl:
+        return
+    if args.train_type != "lora":
+        raise UserError(f"--retain_kl {args.retain_kl} needs --train_type lora: the base it keeps close to is the same "
+                        f"weights with the adapter switched off; drop --retain_kl for full fine-tuning.")
+    if not any(d.split("#")[0] == "general-distill" for d in args.dataset):
+        raise UserError(f"--retain_kl {args.retain_kl} applies to general-distill rows, and --dataset has none; add "
+                        f"--dataset general-distill#N (N general answers of the base model), or drop --retain_kl.")
 
 
 def seed_everything(seed: int) -> None:
@@ -37,8 +49,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_training_data(args: SftArgs):
-    """(train convs, val convs, distill specs) — before the model loads, so bad data fails fast."""
+def load_training_data(args: SftArgs, strict: bool = True):
+    """(train convs, val convs, distill specs, conversations per source) — before the model loads, so bad data
+    fails fast. strict: answers that still hold {{NAME}} / {{AUTHOR}} are refused (the dry run counts them)."""
     from tunesmith.data import self_cognition as sc
     from tunesmith.data.sources import load_datasets, split_dataset
 
@@ -47,13 +60,47 @@ def load_training_data(args: SftArgs):
         raise UserError("no --dataset given; pass a file or folder (JSON, JSONL, CSV, Parquet) or 'self-cognition'.")
     distill = [d for d in args.dataset if d.split("#")[0] == "general-distill"]
     plain = [d for d in args.dataset if d not in distill]
-    train = load_datasets(plain, args.data_seed, name, author) if plain else []
+    sources: dict[str, int] = {}
+    train = load_datasets(plain, args.data_seed, name, author, sources) if plain else []
     val = load_datasets(args.val_dataset, args.data_seed, name, author) if args.val_dataset else []
-    sc.check_no_placeholders(train, "--dataset")
-    sc.check_no_placeholders(val, "--val_dataset")
+    if strict:
+        sc.check_no_placeholders(train, "--dataset")
+        sc.check_no_placeholders(val, "--val_dataset")
     if not val and args.split_dataset_ratio > 0:
         train, val = split_dataset(train, args.split_dataset_ratio, args.data_seed)
-    return train, val, distill
+    return train, val, distill, sources
+
+
+def identity_terms(args: SftArgs) -> list[str]:
+    return sorted({t for t in list(args.model_name) + list(args.model_author) if t})
+
+
+def dry_run(args: SftArgs, train_convs: list, val_convs: list, distill: list[str], sources: dict[str, int]) -> None:
+    """--dry_run true: the data check through the model's tokenizer and template (no weights load), on stdout;
+    nothing is written. general-distill answers are made by the model when a run starts, so they are counted,
+    not measured."""
+    from tunesmith.data.check import check_data, teaches_identity
+    from tunesmith.data.self_cognition import general_distill_instructions
+    from tunesmith.model.load import load_template
+
+    if not args.model:
+        raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
+    pending = 0
+    for spec in distill:
+        _, _, n = spec.partition("#")
+        if n and not n.isdigit():
+            raise UserError(f"--dataset {spec}: the part after '#' must be a number of rows, e.g. general-distill#200.")
+        sources[spec] = int(n) if n else len(general_distill_instructions())
+        pending += sources[spec]
+    template = load_template(args.model)
+    if args.template:
+        from tunesmith.session import named_template
+
+        template = named_template(args.template, template.tokenizer)
+    identity = teaches_identity(args.dataset, train_convs, identity_terms(args))
+    check, _ = check_data(template, args.system, args.max_length, args.truncation_strategy, sources, train_convs,
+                          len(val_convs), lambda n: schedule(args, n), identity, pending)
+    print("\n".join(check.lines()))
 
 
 def prewarm() -> None:
@@ -138,6 +185,18 @@ def out_of_memory(trainer: Trainer, plan: Plan, run_dir: Path) -> str:
             f"{kept}; retry with {' or '.join(less)}.")
 
 
+def identity_check(trainer: Trainer, last: Path, lr_sum: float, quiet: bool) -> dict:
+    """After an identity run: held-out identity questions and general prompts, base against tuned (the report of
+    `tunesmith eval`, evaluate/report.py), saved in <checkpoint>/eval/, with advice when it fell short."""
+    from tunesmith.evaluate.report import advice, report_for_checkpoint
+
+    report = report_for_checkpoint(last, last / "eval", trainer.lm, quiet)
+    for line in advice(report, trainer.checkpoint_args(), lr_sum):
+        if not quiet:
+            print(line, file=sys.stderr)
+    return report
+
+
 def sft(args: SftArgs) -> int:
     try:
         run_sft(args)
@@ -187,6 +246,7 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
     phases = Phases()
     args = resolve_defaults(args)
     check_quant(args)  # before the data and the model load
+    check_retain_kl(args)
     seed_everything(args.seed)
     device = distributed.setup(pick_device(args.device))  # under torchrun: join the group, this rank's device
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -199,8 +259,11 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
             if not quiet:
                 print(finished_run(resume, done, args.max_steps), file=sys.stderr)
             return None
-    train_convs, val_convs, distill = load_training_data(args)
+    train_convs, val_convs, distill, sources = load_training_data(args, strict=not args.dry_run)
     phases.mark("data")
+    if args.dry_run:
+        dry_run(args, train_convs, val_convs, distill, sources)
+        return None
     if not args.model:
         raise UserError("no --model given; pass a model folder, a .gguf file or 'smollm2-135m-instruct'.")
     if lm is None:
@@ -236,12 +299,25 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
         lambda: new_run_dir(args.output_dir, args.add_version))
     if resume is None and args.add_version:
         start.fresh_dir = run_dir
+    distill_convs = []
     if distill:
         from tunesmith.evaluate.distill import general_distill
 
         for spec in distill:
-            train_convs += distributed.on_main(lambda: general_distill(lm, spec, run_dir, args.data_seed, args.system))
-    train, dropped = encode_dataset(train_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
+            rows = distributed.on_main(lambda: general_distill(lm, spec, run_dir, args.data_seed, args.system, quiet))
+            sources[spec] = len(rows)
+            distill_convs += rows
+    world = torch.distributed.get_world_size() if distributed.active() else 1
+    identity = teaches_identity(args.dataset, train_convs, identity_terms(args))
+    check, samples = check_data(lm.template, args.system, args.max_length, args.truncation_strategy, sources,
+                                train_convs + distill_convs, len(val_convs), lambda n: schedule(args, n, world), identity)
+    n_plain = len(train_convs)
+    train = ([s for s in samples[:n_plain] if s is not None]
+             + [replace(s, kl=args.retain_kl > 0) for s in samples[n_plain:] if s is not None])
+    dropped = len(samples) - len(train)
+    train_convs += distill_convs
+    if not quiet and (not distributed.active() or torch.distributed.get_rank() == 0):
+        print("\n".join(check.lines()), file=sys.stderr)
     val, dropped_val = encode_dataset(val_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
     if not train:
         raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
@@ -312,11 +388,10 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
         from tunesmith.export.vllm_check import vllm_report
 
         say(vllm_report(last))
-    if args.eval_identity and args.train_type == "lora" and main:
-        from tunesmith.evaluate.report import report_for_checkpoint
-
-        report_for_checkpoint(last, run_dir / "eval", lm)
-    elif args.eval_identity:
-        say(f"identity report: run  tunesmith eval --model {last}")
+    check_identity = check.teaches_identity if args.eval_identity is None else args.eval_identity
+    if check_identity and args.train_type == "lora" and main:
+        identity_check(trainer, last, check.lr_sum, quiet)
+    elif check_identity and main:
+        say(f"identity check: run  tunesmith eval --model {last}  (it loads the base beside the fine-tuned model)")
     trainer.last_checkpoint = last
     return trainer

@@ -21,6 +21,7 @@ IGNORE = -100
 class Sample:
     input_ids: list[int]
     labels: list[int]  # already shifted: labels[t] is the target for position t, IGNORE where unsupervised
+    kl: bool = False  # trained towards the base model's next-token distributions (--retain_kl), not its labels
 
     @property
     def n_supervised(self) -> int:
@@ -36,10 +37,12 @@ class Row:
     position_ids: torch.Tensor  # (1, T)
     seq_ids: torch.Tensor | None  # (1, T); None when the row holds a single sample
     n_samples: int
+    kl: bool = False  # its samples are Sample.kl ones (a row never mixes the two kinds)
 
     def to(self, device) -> "Row":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Row(mv(self.input_ids), mv(self.labels), mv(self.position_ids), mv(self.seq_ids), self.n_samples)
+        return Row(mv(self.input_ids), mv(self.labels), mv(self.position_ids), mv(self.seq_ids), self.n_samples,
+                   self.kl)
 
     def padded(self, multiple: int) -> "Row":
         """The row lengthened to a multiple of `multiple` tokens, so a compiled model sees few distinct shapes.
@@ -52,7 +55,7 @@ class Row:
         pad = lambda t, v: torch.cat([t, torch.full((1, n), v, dtype=t.dtype, device=t.device)], 1)  # noqa: E731
         return Row(pad(self.input_ids, 0), pad(self.labels, IGNORE),
                    torch.cat([self.position_ids, torch.arange(n, device=seq.device)[None]], 1),
-                   pad(seq, self.n_samples), self.n_samples)
+                   pad(seq, self.n_samples), self.n_samples, self.kl)
 
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -66,7 +69,12 @@ def encode_sample(messages: list[dict], template: ChatTemplate, system: str | No
                   truncation: str = "delete") -> Sample | None:
     """Tokenize one conversation; None when it is longer than max_length and truncation is 'delete'."""
     enc = template.encode(with_system(messages, system))
-    ids, mask = enc.input_ids, enc.labels_mask
+    return fit_sample(enc.input_ids, enc.labels_mask, max_length, truncation)
+
+
+def fit_sample(ids: list[int], mask: list[bool], max_length: int, truncation: str = "delete") -> Sample | None:
+    """A tokenized conversation (ids, which of them the model must learn) as a Sample of at most max_length
+    tokens; None when it is longer and truncation is 'delete', or when nothing is left to learn."""
     if len(ids) > max_length:
         if truncation == "delete":
             return None
@@ -99,14 +107,18 @@ def make_row(samples: list[Sample]) -> Row:
         pos += range(len(s.input_ids))
         seq += [i] * len(s.input_ids)
     t = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
-    return Row(t(ids), t(labels), t(pos), t(seq) if len(samples) > 1 else None, len(samples))
+    return Row(t(ids), t(labels), t(pos), t(seq) if len(samples) > 1 else None, len(samples), samples[0].kl)
 
 
 def pack_samples(samples: list[Sample], max_length: int, packing: bool = True) -> list[Row]:
     """Rows for one optimizer step's samples: first-fit-decreasing into rows of at most max_length tokens,
-    or one row per sample without packing. The set of samples, hence the loss, is the same either way."""
+    or one row per sample without packing. The set of samples, hence the loss, is the same either way.
+    Sample.kl samples are packed into rows of their own (their loss is another one)."""
     if not packing:
         return [make_row([s]) for s in samples]
+    if any(s.kl for s in samples) and not all(s.kl for s in samples):
+        return (pack_samples([s for s in samples if not s.kl], max_length)
+                + pack_samples([s for s in samples if s.kl], max_length))
     bins: list[list[Sample]] = []
     room: list[int] = []
     for s in sorted(samples, key=lambda s: -len(s.input_ids)):

@@ -86,11 +86,16 @@ def available_memory() -> int:
 
 
 def load_datasets(specs: list[str], seed: int, name: tuple[str, str] | None = None,
-                  author: tuple[str, str] | None = None) -> list[list[dict]]:
-    """Several dataset specs → one shuffled mix (seeded)."""
+                  author: tuple[str, str] | None = None, counts: dict[str, int] | None = None) -> list[list[dict]]:
+    """Several dataset specs → one shuffled mix (seeded); `counts` (when given) gets each spec's conversations."""
     if not specs:
         raise UserError("no dataset was given; pass --dataset with a file, a folder or self-cognition.")
-    convs = [conv for spec in specs for conv in load_dataset(spec, seed, name, author)]
+    convs = []
+    for spec in specs:
+        part = load_dataset(spec, seed, name, author)
+        if counts is not None:
+            counts[spec] = counts.get(spec, 0) + len(part)
+        convs += part
     random.Random(seed).shuffle(convs)
     return convs
 

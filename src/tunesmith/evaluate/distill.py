@@ -21,12 +21,14 @@ from tunesmith.errors import UserError
 from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel
+from tunesmith.progress import Progress
 
 ANSWER_TOKENS = 128
 BATCH = 16
 
 
-def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system: str | None) -> list[list[dict]]:
+def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system: str | None,
+                    quiet: bool = False) -> list[list[dict]]:
     from tunesmith.data.self_cognition import general_distill_instructions
 
     pool = general_distill_instructions()
@@ -44,7 +46,9 @@ def general_distill(lm: LoadedModel, spec: str, run_dir: Path, seed: int, system
     gen = Generator(lm)
     cfg = SamplingConfig(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=seed)
     ids = [gen.chat_prompt([{"role": "user", "content": q}], system) for q in unique]
-    answers = {q: c.text.strip() for q, c in zip(unique, gen.complete_many(ids, cfg, rows=BATCH))}
+    bar = Progress("Distill", len(unique), quiet)
+    answers = {q: c.text.strip() for q, c in zip(unique, bar.track(gen.complete_many(ids, cfg, rows=BATCH),
+                                                                    "general answers of the base model"))}
     rows = [{"query": q, "response": answers[q]} for q in instructions if answers[q]]
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

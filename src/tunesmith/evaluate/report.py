@@ -8,7 +8,8 @@ own with --identity_questions) are answered greedily by the base and the tuned m
             --base_identity) and not the new one.
 Retention: built-in general prompts (facts, arithmetic, code, translation, advice; zh + en).
   kl        = mean per-token KL(base || tuned) of next-token distributions along the base model's own answers;
-  retained  = share of prompts whose tuned greedy answer equals the base's, or still contains a correct answer.
+  retained  = share of prompts whose tuned greedy answer equals the base's, or still contains a correct answer;
+  intrusion = share of prompts whose tuned answer names the new identity where the base's did not.
 Both models are one set of weights: the base is the tuned model with its adapter switched off.
 """
 
@@ -28,6 +29,7 @@ from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
 from tunesmith.model.load import LoadedModel
 from tunesmith.model.lora import set_active_adapter
+from tunesmith.progress import Progress
 
 IDENTITY_TOKENS = 48
 RETENTION_TOKENS = 48
@@ -68,18 +70,24 @@ def mentions(text: str, terms: list[str]) -> bool:
     return any(t and t.lower() in low for t in terms)
 
 
-def batched_answers(lm: LoadedModel, prompts: list[list[dict]], system: str | None, max_new: int) -> list[str]:
+def batched_answers(lm: LoadedModel, prompts: list[list[dict]], system: str | None, max_new: int,
+                    bar: Progress | None = None, detail: str = "") -> list[str]:
     gen = Generator(lm)
     ids = [gen.chat_prompt(m, system) for m in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
-    return [c.text for c in gen.complete_many(ids, cfg, rows=BATCH)]
+    return [c.text for c in _tracked(bar, gen.complete_many(ids, cfg, rows=BATCH), detail)]
+
+
+def _tracked(bar: Progress | None, items, detail: str):
+    return items if bar is None else bar.track(items, detail)
 
 
 def identity_report(models: Models, questions: list[dict], new_terms: list[str], base_terms: list[str],
-                    system: str | None) -> dict:
+                    system: str | None, bar: Progress | None = None) -> dict:
     msgs = [[{"role": "user", "content": q["question"]}] for q in questions]
     result = {"new_identity": new_terms, "base_identity": base_terms, "by_lang": {}, "answers": []}
-    answers = {w: batched_answers(models.use(w), msgs, system, IDENTITY_TOKENS) for w in ("base", "tuned")}
+    answers = {w: batched_answers(models.use(w), msgs, system, IDENTITY_TOKENS, bar, f"identity questions ({w})")
+               for w in ("base", "tuned")}
     for i, q in enumerate(questions):
         row = {"question": q["question"], "lang": q.get("lang", "en")}
         for w in ("base", "tuned"):
@@ -96,20 +104,21 @@ def identity_report(models: Models, questions: list[dict], new_terms: list[str],
     return result
 
 
-def retention_report(models: Models, prompts: list[dict], system: str | None) -> dict:
+def retention_report(models: Models, prompts: list[dict], system: str | None, new_terms: list[str] = (),
+                     bar: Progress | None = None) -> dict:
     msgs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
     base_lm = models.use("base")
     gen = Generator(base_lm)
     prompt_ids = [gen.chat_prompt(m, system) for m in msgs]
     cfg = SamplingConfig(max_new_tokens=RETENTION_TOKENS, temperature=0.0)
-    base_out = list(gen.complete_many(prompt_ids, cfg, rows=BATCH))
+    base_out = list(_tracked(bar, gen.complete_many(prompt_ids, cfg, rows=BATCH), "general prompts (base)"))
     # KL needs both models at once: with one adapter-switched model, score base then tuned per prompt.
     kls = []
-    for p_ids, c in zip(prompt_ids, base_out):
+    for p_ids, c in _tracked(bar, zip(prompt_ids, base_out), "KL(base||tuned)"):
         kls.append(_kl_switched(models, p_ids, c.token_ids))
     tuned_lm = models.use("tuned")
     tgen = Generator(tuned_lm)
-    tuned_out = list(tgen.complete_many(prompt_ids, cfg, rows=BATCH))
+    tuned_out = list(_tracked(bar, tgen.complete_many(prompt_ids, cfg, rows=BATCH), "general prompts (tuned)"))
     rows = []
     for p, b, t, kl in zip(prompts, base_out, tuned_out, kls):
         answers = p.get("answer") or []
@@ -117,7 +126,8 @@ def retention_report(models: Models, prompts: list[dict], system: str | None) ->
         rows.append({"prompt": p["prompt"], "lang": p.get("lang"), "kl": kl, "base": b.text, "tuned": t.text,
                      "unchanged": b.text.strip() == t.text.strip(),
                      "base_correct": correct(b.text) if correct else None,
-                     "tuned_correct": correct(t.text) if correct else None})
+                     "tuned_correct": correct(t.text) if correct else None,
+                     "intrusion": mentions(t.text, new_terms) and not mentions(b.text, new_terms)})
     for r in rows:
         r["retained"] = r["unchanged"] or bool(r["tuned_correct"])
     checkable = [r for r in rows if r["tuned_correct"] is not None]
@@ -125,6 +135,7 @@ def retention_report(models: Models, prompts: list[dict], system: str | None) ->
         "mean_kl": sum(kls) / len(kls),
         "retained": sum(r["retained"] for r in rows) / len(rows),
         "unchanged": sum(r["unchanged"] for r in rows) / len(rows),
+        "intrusion": sum(r["intrusion"] for r in rows) / len(rows),
         "correct_base": sum(bool(r["base_correct"]) for r in checkable) / max(len(checkable), 1),
         "correct_tuned": sum(bool(r["tuned_correct"]) for r in checkable) / max(len(checkable), 1),
         "worst": sorted(rows, key=lambda r: -r["kl"])[:3],
@@ -201,6 +212,7 @@ def format_table(report: dict) -> str:
               f"  mean KL(base||tuned) per token   {r['mean_kl']:.4f}",
               f"  unchanged or still correct       {r['retained']:.0%}  (unchanged {r['unchanged']:.0%}; "
               f"correct {r['correct_base']:.0%} -> {r['correct_tuned']:.0%})",
+              f"  identity in general answers      {r['intrusion']:.0%}",
               "  worst cases:"]
     for w in r["worst"]:
         lines.append(f"    KL {w['kl']:.3f}  {w['prompt'][:50]!r} -> {w['tuned'][:60]!r}")
@@ -215,8 +227,13 @@ def run_report(models: Models, new_terms: list[str], base_terms: list[str], syst
         raise UserError("the new identity is unknown: pass --model_name (and --model_author), or evaluate a "
                         "checkpoint trained with them.")
     questions = identity_eval_questions() + (read_questions(extra_questions) if extra_questions else [])
-    report = {"identity": identity_report(models, questions, new_terms, base_terms, system),
-              "retention": retention_report(models, general_prompts(), system), "system": system}
+    general = general_prompts()
+    bar = Progress("Check", 2 * len(questions) + 3 * len(general), quiet)
+    try:
+        report = {"identity": identity_report(models, questions, new_terms, base_terms, system, bar),
+                  "retention": retention_report(models, general, system, new_terms, bar), "system": system}
+    finally:
+        bar.end_line()
     models.use("tuned")
     if out_dir is not None:
         write_outputs(report, out_dir)
@@ -227,8 +244,8 @@ def run_report(models: Models, new_terms: list[str], base_terms: list[str], syst
     return report
 
 
-def report_for_checkpoint(ckpt: Path, out_dir: Path, lm: LoadedModel) -> dict:
-    """Used by `sft --eval_identity true`: the model in memory carries the adapter just trained."""
+def report_for_checkpoint(ckpt: Path, out_dir: Path, lm: LoadedModel, quiet: bool = False) -> dict:
+    """The check `sft` runs after an identity run: the model in memory carries the adapter just trained."""
     from tunesmith.runs import read_checkpoint_args
 
     ck = read_checkpoint_args(ckpt)
@@ -238,5 +255,41 @@ def report_for_checkpoint(ckpt: Path, out_dir: Path, lm: LoadedModel) -> dict:
     base_terms = base_identity_terms(lm.template.default_system)
     set_active_adapter(lm.model, "default")
     lm.model.eval()
-    print("", file=sys.stderr)
-    return run_report(models, new_terms, base_terms, ck.get("system"), out_dir)
+    if not quiet:
+        print("", file=sys.stderr)
+    return run_report(models, new_terms, base_terms, ck.get("system"), out_dir, quiet=quiet)
+
+
+# What a recommended run reaches on the bundled model (bench/identity_recipes.py; bench/RESULTS.md)
+ADOPTED, LEAKED, INTRUSION, KL, CORRECT_DROP = 0.9, 0.02, 0.02, 0.05, 0.05
+
+
+def advice(report: dict, ck: dict, lr_sum: float | None = None) -> list[str]:
+    """One line per way the check fell short, naming the flags to change, from what this run (its args `ck`) did."""
+    from tunesmith.data.check import IDENTITY_LR_SUM
+
+    ident, ret = report["identity"]["by_lang"], report["retention"]
+    langs = {k: v["tuned"] for k, v in ident.items() if k != "all"}
+    out = []
+    low = {k: v["adopted"] for k, v in langs.items() if v["adopted"] < ADOPTED}
+    if low or ident["all"]["tuned"]["leaked"] > LEAKED:
+        shares = ", ".join(f"{k} {v['adopted']:.0%}" for k, v in langs.items())
+        epochs = ck.get("num_train_epochs") or 1
+        more = max(2.0, IDENTITY_LR_SUM / lr_sum) if lr_sum else 2.0
+        out.append(f"advice: the identity did not stick everywhere (adopted {shares}; leaked "
+                   f"{ident['all']['tuned']['leaked']:.0%})" + (f": this run's learning rate summed to {lr_sum:.2g}" if lr_sum else "")
+                   + f"; train longer, e.g. --num_train_epochs {epochs * more:g}, or raise --learning_rate.")
+    forgot = (ret["intrusion"] > INTRUSION or ret["mean_kl"] > KL
+              or ret["correct_tuned"] < ret["correct_base"] - CORRECT_DROP)
+    if forgot:
+        what = (f"identity in {ret['intrusion']:.0%} of general answers, mean KL {ret['mean_kl']:.3f}, correct "
+                f"{ret['correct_base']:.0%} -> {ret['correct_tuned']:.0%}")
+        datasets = ck.get("dataset") or []
+        if not any(str(d).startswith("general-distill") for d in datasets):
+            fix = "add --dataset general-distill#120 --retain_kl 4 (general answers of the base model, kept close to it)"
+        elif not ck.get("retain_kl"):
+            fix = "add --retain_kl 4 (the general-distill rows then keep the base's whole distributions)"
+        else:
+            fix = f"raise --retain_kl above {ck['retain_kl']:g} or lower --learning_rate"
+        out.append(f"advice: general answers moved ({what}); {fix}.")
+    return out

@@ -239,14 +239,30 @@ def _load_hf_dir(path: Path, dtype, device, quant: QuantConfig | None = None) ->
             state = read_safetensors(files, device, dtype)
         tokenizer = tokenizer_job.result()
     model = _assign_state(cfg, state, device, str(path), quantized, compute)
+    gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    return _finish(model, tokenizer, ChatTemplate(_hf_chat_template(path), tokenizer), path, gen)
+
+
+def _hf_chat_template(path: Path) -> str | None:
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     chat_template = tok_cfg.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
         chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
     if chat_template is None and (path / "chat_template.jinja").is_file():
         chat_template = (path / "chat_template.jinja").read_text()
-    gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-    return _finish(model, tokenizer, ChatTemplate(chat_template, tokenizer), path, gen)
+    return chat_template
+
+
+def load_template(name: str | Path) -> ChatTemplate:
+    """The model's tokenizer and chat template without its weights (`sft --dry_run`'s data check)."""
+    path = resolve_model_path(name)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        meta = GGUFFile(path).metadata
+        tokenizer = Tokenizer.from_gguf(meta)
+        return ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; give the folder that holds config.json and the *.safetensors files.")
+    return ChatTemplate(_hf_chat_template(path), Tokenizer.from_dir(path))
 
 
 def _saved_quantization(raw: dict, path: Path, quant: QuantConfig | None) -> int | None:

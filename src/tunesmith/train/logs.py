@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tunesmith.files import write_bytes_atomic, writing
+from tunesmith.progress import bar_line, duration
 
 
 class RunLog:
@@ -30,8 +31,8 @@ class RunLog:
         rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in values.items()}
         rec["global_step/max_steps"] = f"{step}/{self.total}"
         elapsed = time.time() - self.start
-        rec["elapsed_time"] = _fmt(elapsed)
-        rec["remaining_time"] = _fmt(elapsed / max(step, 1) * (self.total - step))
+        rec["elapsed_time"] = duration(elapsed)
+        rec["remaining_time"] = duration(elapsed / max(step, 1) * (self.total - step))
         self.records.append({"step": step, **rec})
         append_line(self.run_dir / "logging.jsonl", json.dumps(rec, ensure_ascii=False))
         if self._tb is not None:
@@ -61,13 +62,8 @@ class RunLog:
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.quiet:
             return
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\rTrain [{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-                         f"ETA {_fmt(eta)}   ")
+        line = bar_line("Train", step, self.total, time.time() - self.start, f"loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
+        sys.stderr.write(f"\r{line}   ")
         sys.stderr.flush()
         self._line_open = step != self.total
         if step == self.total:
@@ -138,6 +134,3 @@ def _line_step(line: str) -> int:
         return 0
 
 
-def _fmt(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h {s % 3600 // 60}m {s % 60}s" if s >= 3600 else f"{s // 60}m {s % 60}s"

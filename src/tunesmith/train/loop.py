@@ -21,18 +21,19 @@ import torch
 import torch._functorch.config  # noqa: F401  (activation_memory_budget; not imported by `import torch`)
 
 from tunesmith.args import SftArgs, to_dict
+from tunesmith.data.check import Schedule
 from tunesmith.data.packing import Sample, pack_samples
 from tunesmith.errors import UserError
 from tunesmith.files import write_json, writing
 from tunesmith.model.load import LoadedModel, load_model
 from tunesmith.model.lora import (LoraConfig, apply_lora, lora_modules, read_adapter_weights, save_adapter,
-                                  stack_lora_inputs)
+                                  set_active_adapter, stack_lora_inputs)
 from tunesmith.runs import ARGS_FILE
 from tunesmith.train import checkpoint as ckpt_io
 from tunesmith.train import distributed
 from tunesmith.train.distributed import DataParallel, SilentLog
 from tunesmith.train.logs import RunLog
-from tunesmith.train.loss import chunked_cross_entropy_sum
+from tunesmith.train.loss import chunked_cross_entropy_sum, chunked_kl_sum
 from tunesmith.train.optim import AdamW
 from tunesmith.train.precision import FULL_FP16_REFUSED, LossScaler
 
@@ -79,6 +80,15 @@ def planned_steps(args: SftArgs, samples: int, world: int = 1) -> int:
         return args.max_steps
     group = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     return max(1, math.ceil(math.ceil(samples / group) * args.num_train_epochs))
+
+
+def schedule(args: SftArgs, samples: int, world: int = 1) -> Schedule:
+    """The steps a run of `samples` samples takes and its learning rate summed over them (the data check's)."""
+    total = planned_steps(args, samples, world)
+    warmup = math.ceil(args.warmup_ratio * total)
+    group = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    lr_sum = sum(args.learning_rate * lr_at(s, total, warmup, args.lr_scheduler_type) for s in range(total))
+    return Schedule(total, group, round(total / max(1, math.ceil(samples / group)), 2), lr_sum)
 
 
 class Trainer:
@@ -161,13 +171,26 @@ class Trainer:
             if self.compiled:
                 row = row.padded(PAD_MULTIPLE)
             row = row.to(self.device)
+            base_h = self.base_hidden(row) if row.kl else None
             with self.recompute_scope():
                 h = self.parallel_model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids,
                                         checkpoint=self.checkpointing and not self.compiled)
-            s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels,
-                                          fused=self.compiled and self.device.type == "cuda")
+            if row.kl:
+                s = self.args.retain_kl * chunked_kl_sum(h, base_h, self.model.lm_head_weight, row.labels)
+            else:
+                s = chunked_cross_entropy_sum(h, self.model.lm_head_weight, row.labels,
+                                              fused=self.compiled and self.device.type == "cuda")
             total = s if total is None else total + s
         return total, n_tokens
+
+    @torch.no_grad()
+    def base_hidden(self, row) -> torch.Tensor:
+        """The base model's hidden states for a --retain_kl row: the same weights with the adapter switched off."""
+        set_active_adapter(self.model, None)
+        try:
+            return self.model(row.input_ids, position_ids=row.position_ids, seq_ids=row.seq_ids)
+        finally:
+            set_active_adapter(self.model, "default")
 
     def recompute_scope(self):
         """Lean mode of compiled layers: rather than torch's checkpoint (which reruns each whole layer),

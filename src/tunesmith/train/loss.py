@@ -104,3 +104,26 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     for i in range(0, h.shape[0], chunk):
         total = total + _chunk_loss_sum(h[i : i + chunk], weight, y[i : i + chunk])
     return total
+
+
+def chunked_kl_sum(hidden: torch.Tensor, base_hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk: int = 512) -> torch.Tensor:
+    """Sum over positions with labels != IGNORE of KL(base || tuned) between the next-token distributions that
+    `base_hidden` (no gradient) and `hidden` give through the lm_head `weight`; chunked like the cross-entropy.
+    Each chunk is checkpointed, so backward holds one chunk's logits at a time, never the row's."""
+    from torch.utils.checkpoint import checkpoint
+
+    keep = labels.reshape(-1) != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    hb = base_hidden.reshape(-1, base_hidden.shape[-1])[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_chunk_kl_sum, h[i : i + chunk], hb[i : i + chunk], weight, use_reentrant=False)
+    return total
+
+
+def _chunk_kl_sum(h: torch.Tensor, hb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    tuned = F.log_softmax(F.linear(h, weight).float(), -1)
+    with torch.no_grad():
+        base = F.log_softmax(F.linear(hb, weight).float(), -1)
+    return F.kl_div(tuned, base, log_target=True, reduction="sum")
