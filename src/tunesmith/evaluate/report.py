@@ -16,6 +16,7 @@ Both models are one set of weights: the base is the tuned model with its adapter
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -274,11 +275,14 @@ def advice(report: dict, ck: dict, lr_sum: float | None = None) -> list[str]:
     low = {k: v["adopted"] for k, v in langs.items() if v["adopted"] < ADOPTED}
     if low or ident["all"]["tuned"]["leaked"] > LEAKED:
         shares = ", ".join(f"{k} {v['adopted']:.0%}" for k, v in langs.items())
-        epochs = ck.get("num_train_epochs") or 1
         more = max(2.0, IDENTITY_LR_SUM / lr_sum) if lr_sum else 2.0
+        if (ck.get("max_steps") or 0) > 0:
+            longer = f"--max_steps {math.ceil(ck['max_steps'] * more)}"
+        else:
+            longer = f"--num_train_epochs {math.ceil((ck.get('num_train_epochs') or 1) * more)}"
         out.append(f"advice: the identity did not stick everywhere (adopted {shares}; leaked "
                    f"{ident['all']['tuned']['leaked']:.0%})" + (f": this run's learning rate summed to {lr_sum:.2g}" if lr_sum else "")
-                   + f"; train longer, e.g. --num_train_epochs {epochs * more:g}, or raise --learning_rate.")
+                   + f"; train longer, e.g. {longer}, or raise --learning_rate.")
     forgot = (ret["intrusion"] > INTRUSION or ret["mean_kl"] > KL
               or ret["correct_tuned"] < ret["correct_base"] - CORRECT_DROP)
     if forgot:
