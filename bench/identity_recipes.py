@@ -11,6 +11,12 @@ identity need to move at all? On CPU, on the bundled SmolLM2-135M-Instruct, held
 
     python bench/identity_recipes.py --part recipes --out bench/results-identity-recipes-cpu.jsonl
     python bench/identity_recipes.py --part schedule --out bench/results-identity-schedule-cpu.jsonl
+
+--part check-time (GPU): seconds of the identity check `sft` runs after an identity run, on a model of the shapes in
+  --model-dir (a Qwen2.5-7B-Instruct config.json and tokenizer) with random bf16 weights and a random LoRA r8:
+  such a model never ends an answer early, so every answer runs to the check's token limit (an upper bound).
+
+    python bench/identity_recipes.py --part check-time --model-dir DIR --out bench/results-identity-check-h200.jsonl
 """
 
 from __future__ import annotations
@@ -88,15 +94,59 @@ def schedule(tmp: Path, lrs: list[float], steps: int, every: int) -> list[dict]:
     return lines
 
 
+def check_time(model_dir: Path, device: str = "cuda") -> dict:
+    import torch
+
+    from tunesmith.evaluate.report import Models, run_report
+    from tunesmith.model.decoder import Decoder, ModelConfig
+    from tunesmith.model.load import LoadedModel, load_template
+    from tunesmith.model.lora import LoraConfig, apply_lora, lora_modules
+
+    cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.device(device):
+        model = Decoder(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.data.normal_(0.0, 0.02)
+    apply_lora(model, LoraConfig(r=8, alpha=32, dropout=0.0))
+    for _, m in lora_modules(model):
+        m.lora_B["default"].weight.data.normal_(0.0, 0.01)
+    model.requires_grad_(False)
+    model.eval()
+    template = load_template(model_dir)
+    eos = [i for i in (template.tokenizer.token_id("<|im_end|>"), template.tokenizer.token_id("<|endoftext|>")) if i is not None]
+    lm = LoadedModel(model, template.tokenizer, template, model_dir, eos)
+    sync()
+    t0 = time.perf_counter()
+    report = run_report(Models(lm, "default"), ["Smithy", "Tunesmith Labs"], ["Qwen", "Alibaba Cloud"],
+                        "You are a helpful assistant.", None, quiet=True)
+    sync()
+    seconds = time.perf_counter() - t0
+    return {"part": "check-time", "model": str(model_dir.name), "layers": cfg.num_layers,
+            "identity_questions": len(report["identity"]["answers"]), "general_prompts": len(report["retention"]["prompts"]),
+            "seconds": round(seconds, 1), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("recipes", "schedule"), required=True)
+    ap.add_argument("--part", choices=("recipes", "schedule", "check-time"), required=True)
+    ap.add_argument("--device", default="cuda", help="check-time: cuda, or cpu to try it on a small model")
+    ap.add_argument("--model-dir", type=Path, help="check-time: the model folder (config.json + tokenizer)")
     ap.add_argument("--only", nargs="*", help="recipes to run (names as in RECIPES; default all)")
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--out", type=Path, help="also append the JSON lines here")
     a = ap.parse_args()
+    if a.part == "check-time":
+        lines = [check_time(a.model_dir, a.device)]
+        print(json.dumps(lines[0]), flush=True)
+        if a.out:
+            with a.out.open("a") as f:
+                f.write(json.dumps(lines[0]) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if a.part == "schedule":
             lines = schedule(Path(tmp), a.lrs, a.steps, a.every)

@@ -64,6 +64,20 @@ def test_demo_writes_run_layout_and_retention(demo_run):
     assert ckpts and (ckpts[-1] / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # `tunesmith eval` in a subprocess (~60 s)
+def test_the_check_after_training_agrees_with_tunesmith_eval(demo_run, tmp_path):
+    run, _ = demo_run
+    after = json.loads((checkpoint(run) / "eval" / "eval.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "eval", "--adapters", str(checkpoint(run)),
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["identity"]["by_lang"] == after["identity"]["by_lang"]
+    for key in ("retained", "unchanged", "intrusion", "correct_base", "correct_tuned"):
+        assert again["retention"][key] == after["retention"][key], key
+    assert again["retention"]["mean_kl"] == pytest.approx(after["retention"]["mean_kl"], rel=1e-3)
+
+
 @pytest.mark.slow  # ~100 s
 def test_untrained_adapter_scores_like_the_base():
     lm = load_model("smollm2-135m-instruct")
