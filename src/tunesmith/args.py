@@ -274,3 +274,16 @@ class DemoArgs(ModelArgs):
     max_steps: int = opt(-1, "optimizer steps (default: the demo's recipe)")
     dataset: list = many("training data (default: self-cognition); e.g. 'self-cognition general-distill#120' for the "
                          "tutorial's mixed-data step")
+
+
+@dataclass(frozen=True)
+class WebUIArgs:
+    host: str = opt("127.0.0.1", "address to listen on (any address other than a loopback one needs --api_key)")
+    port: int = opt(7860, "port", at_least=0, at_most=65535)
+    lang: str | None = opt(None, "zh | en: the page's language (default: the browser's)", choices=("zh", "en"))
+    api_key: str | None = opt(None, "require this key on every request ('Authorization: Bearer KEY', or open the page "
+                                    "once as /?key=KEY)")
+    workdir: str = opt("studio", "the folder the page reads and writes: uploads, runs, exports")
+    models: list = many("model folders or .gguf files outside --workdir that the page may read")
+    max_upload_mb: int = opt(64, "largest file the page accepts, in MiB", at_least=1)
+    debug: bool = opt(False, "show full tracebacks")

@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": (A.EvalArgs, "identity + retention report: did the new identity stick, what was lost", "tunesmith.commands.eval:evaluate"),
     "export": (A.ExportArgs, "merge LoRA into an HF folder, write GGUF", "tunesmith.commands.export:export"),
     "deploy": (A.DeployArgs, "OpenAI-compatible API server with a web chat page", "tunesmith.commands.deploy:deploy"),
+    "web-ui": (A.WebUIArgs, "a studio in the browser: model, identity and data, train, check, ship", "tunesmith.commands.web_ui:web_ui"),
     "demo": (A.DemoArgs, "offline before/after identity demo on the bundled SmolLM2", "tunesmith.commands.demo:demo"),
 }
 
