@@ -220,6 +220,9 @@ def test_gguf_reads_back_with_the_merged_weights(smol_merged, smol_merged_lm, sm
     for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
                 "padding_token_id", "unknown_token_id"):
         assert field(f"tokenizer.ggml.{key}") == source[f"tokenizer.ggml.{key}"], key
+    # both stop tokens: eos and the end-of-turn token, for SmolLM2 the same <|im_end|> (the source GGUF has no eot)
+    assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == 2
+    assert field("tokenizer.ggml.tokens")[2] == "<|im_end|>"
     assert field("general.name") == smol_merged.name
     template = field("tokenizer.chat_template")
     assert SYSTEM in template and template.endswith(source["tokenizer.chat_template"])
@@ -227,7 +230,8 @@ def test_gguf_reads_back_with_the_merged_weights(smol_merged, smol_merged_lm, sm
                                                   ["merged_adapters"][0]["sha256"]]
     modelfile = (smol_merged / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf\n" in modelfile and f'SYSTEM """{SYSTEM}"""' in modelfile
-    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == \
+        ['PARAMETER stop "<|im_end|>"']
     assert 'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>' in modelfile
 
 
@@ -260,6 +264,36 @@ def test_q8_0_within_one_quantization_step(smol_merged_lm, tmp_path):
         blocks = w.reshape(-1, 32)
         step = blocks.abs().amax(1, keepdim=True) / 127
         assert ((got.reshape(-1, 32) - blocks).abs() <= step * (0.5 + 127 * 2**-11) + 1e-12).all(), name
+
+
+def test_q4_0_is_llama_cpps_reference_rounding(smol_merged_lm, tmp_path):
+    """Q4_0 as ggml's quantize_row_q4_0_ref writes it, re-derived here: per block of 32, m = the value of largest
+    magnitude, d = m / -8, q = min(15, trunc(x / d + 8.5)), stored as q and f16(d), read back as (q - 8) * f16(d).
+    Every value lands within |d|/2 of x except those beyond 7.5|d| on the side opposite m (q clips at 15, error up
+    to |d|). The token embedding (tied: also the output) is Q8_0, as in the bundled llama.cpp-written file."""
+    merged = smol_merged_lm
+    gf = GGUFFile(write_gguf(merged, tmp_path / "m.gguf", "q4_0", SYSTEM))
+    assert gf.metadata["general.file_type"] == 2
+    assert gf.tensors["token_embd.weight"].ggml_type == 8
+    state = merged.model.state_dict()
+    for name, hf in (("blk.5.ffn_down.weight", "model.layers.5.mlp.down_proj.weight"),
+                     ("blk.5.attn_q.weight", "model.layers.5.self_attn.q_proj.weight"),
+                     ("blk.5.ffn_norm.weight", "model.layers.5.post_attention_layernorm.weight")):
+        w, got = state[hf], gf.read(name)
+        if w.dim() == 1:
+            assert gf.tensors[name].ggml_type == 0 and torch.equal(got, w)
+            continue
+        assert gf.tensors[name].ggml_type == 2
+        if name.endswith("attn_q.weight"):
+            w = torch.from_numpy(llama_cpp_permute(w.numpy(), merged.config.num_heads))
+        x = w.reshape(-1, 32)
+        m = x.gather(1, x.abs().argmax(1, keepdim=True))
+        d = m / -8
+        q = torch.trunc(x * torch.where(d == 0, 0, 1 / d) + 8.5).clamp(0, 15)
+        want = (q - 8) * d.half().float()
+        assert torch.equal(got.reshape(-1, 32), want), name
+        err = (want - x).abs()
+        assert (err <= d.abs() * (1 + 8 * 2**-11)).all() and err.mean() > d.abs().mean() / 8  # 4 bits, not finer
 
 
 def test_llama3_rope_factors_and_bias_permutation(smollm, tmp_path):
@@ -319,6 +353,11 @@ def test_qwen_merged_folder_and_gguf(qwen_merged):
     assert len(meta["tokenizer.ggml.tokens"]) == meta["qwen2.vocab_size"] == 152064  # padded as llama.cpp does
     assert meta["tokenizer.ggml.tokens"][151644] == "<|im_start|>" and meta["tokenizer.ggml.token_type"][151644] == 3
     assert meta["tokenizer.ggml.token_type"][151657] == 4 and meta["tokenizer.ggml.token_type"][-1] == 5
+    # the stop tokens: eos and the end-of-turn token (<|im_end|>) in the GGUF, and with Qwen's <|endoftext|> in the
+    # Modelfile, so Ollama ends an answer where tunesmith does
+    assert meta["tokenizer.ggml.eos_token_id"] == meta["tokenizer.ggml.eot_token_id"] == 151645
+    stops = [line for line in (out / "Modelfile").read_text().splitlines() if line.startswith("PARAMETER stop")]
+    assert stops == ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"']
     assert "output.weight" in gf.tensors and gf.tensors["blk.0.attn_q.bias"].ggml_type == 0
     folder = load_model(out)
     state = folder.model.state_dict()

@@ -12,6 +12,15 @@ What llama.cpp's convert_hf_to_gguf.py writes, for the architectures tunesmith l
     added tokens, user-defined 4 for other added ones, normal 1, unused 5 for the padding rows a 152,064-row
     Qwen embedding has beyond its 151,665 tokens), merges, bos/eos/pad/unk ids, `tokenizer.ggml.pre`, and the
     chat template with the training system prompt as its default (see export/hf.py).
+  - the end-of-turn token (`tokenizer.ggml.eot_token_id`: the token the template closes an assistant turn with,
+    <|im_end|> for ChatML) beside the eos id, so llama.cpp stops an answer where tunesmith does instead of
+    guessing the token from its text.
+
+Weight types (--gguf_type): f32, f16, bf16, q8_0 (blocks of 32: int8 values times an f16 scale) and q4_0 (blocks
+of 32: 4-bit values times an f16 scale, llama.cpp's reference rounding through gguf.quants). Norms and biases stay
+F32; rows that are not whole 32-value blocks are written F16. In a q4_0 file the token embedding and the output
+matrix are Q8_0: llama.cpp's own Q4_0 recipe keeps these two at 6 bits (Q6_K), because 4-bit rounding there
+costs the most (a tied embedding is both).
 
 Tensors are written one at a time (GGUFWriter.add_tensor_info for all, then write_tensor_data each), so RAM holds
 one fp32 tensor copy at most.
@@ -45,7 +54,7 @@ def gguf_types():
     from gguf import GGMLQuantizationType as Q, LlamaFileType as F
 
     return {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
-            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}
+            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -76,6 +85,27 @@ def pre_tokenizer_name(lm: LoadedModel) -> str:
     print(f"warning: the tokenizer's pre-tokenizer is not one tunesmith recognizes; the GGUF says "
           f"tokenizer.ggml.pre='{fallback}'.", file=sys.stderr)
     return fallback
+
+
+def end_of_turn_id(lm: LoadedModel) -> int | None:
+    """The special token the chat template writes right after an assistant message's content (<|im_end|> for
+    ChatML, <|eot_id|> for Llama 3, </s> for Mistral); None when the template writes none."""
+    marker = "\u2063tunesmith\u2063"
+    try:
+        text = lm.template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+    except Exception:  # templates that raise on some conversations: nothing to read off
+        return None
+    if marker not in text:
+        return None
+    ids = lm.tokenizer.encode(text.split(marker, 1)[1].lstrip(" "))
+    return ids[0] if ids and ids[0] in lm.tokenizer.special_ids() else None
+
+
+def stop_token_ids(lm: LoadedModel) -> list[int]:
+    """Every token an answer ends at: the generation eos ids, the tokenizer's eos and the end-of-turn token."""
+    tok = lm.tokenizer
+    ids = [*lm.eos_token_ids, tok.token_id(tok.special.get("eos_token")), end_of_turn_id(lm)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def tokenizer_metadata(lm: LoadedModel, system: str | None) -> dict:
@@ -115,8 +145,9 @@ def tokenizer_metadata(lm: LoadedModel, system: str | None) -> dict:
         "tokenizer.ggml.add_bos_token": bool(probe) and ids["bos"] is not None and probe[0] == ids["bos"],
         "tokenizer.chat_template": template_with_default_system(lm.template, system),
     }
+    ids["eot"] = end_of_turn_id(lm)
     for key, gkey in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
-                      ("unk", "unknown_token_id")):
+                      ("unk", "unknown_token_id"), ("eot", "eot_token_id")):
         if ids[key] is not None:
             meta[f"tokenizer.ggml.{gkey}"] = ids[key]
     return meta
@@ -141,7 +172,7 @@ def _tensors(lm: LoadedModel, arch: str):
 
 def write_gguf(lm: LoadedModel, path: Path, gguf_type: str = "f16", system: str | None = None,
                name: str | None = None, merged_adapters: list[str] | None = None) -> Path:
-    """Write lm (merged, no LoRA wrappers) to `path` as GGUF of `gguf_type` (f32 | f16 | bf16 | q8_0)."""
+    """Write lm (merged, no LoRA wrappers) to `path` as GGUF of `gguf_type` (f32 | f16 | bf16 | q8_0 | q4_0)."""
     import gguf
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
@@ -186,24 +217,25 @@ def write_gguf(lm: LoadedModel, path: Path, gguf_type: str = "f16", system: str 
     if merged_adapters:
         w.add_array(MERGED_KEY, merged_adapters)
 
-    def kind(t: torch.Tensor):
+    def kind(name: str, t: torch.Tensor):
         if t.dim() == 1:
             return Q.F32
-        if qtype == Q.Q8_0 and t.shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
+        q = Q.Q8_0 if qtype == Q.Q4_0 and name in ("token_embd.weight", "output.weight") else qtype
+        if q in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % GGML_QUANT_SIZES[q][0]:
             return Q.F16  # rows not a whole number of 32-value blocks: llama.cpp falls back the same way
-        return qtype
+        return q
 
     def nbytes(t: torch.Tensor, q) -> int:
         block, size = GGML_QUANT_SIZES[q]
         return t.numel() // block * size
 
     for g, t in _tensors(lm, arch):  # pass 1: the tensor table (shapes and sizes only, no data)
-        w.add_tensor_info(g, tuple(t.shape), np.dtype(np.float32), nbytes(t, kind(t)), raw_dtype=kind(t))
+        w.add_tensor_info(g, tuple(t.shape), np.dtype(np.float32), nbytes(t, kind(g, t)), raw_dtype=kind(g, t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for g, t in _tensors(lm, arch):  # pass 2: one tensor at a time
-        data = gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), kind(t))
+        data = gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), kind(g, t))
         w.write_tensor_data(data)
     w.close()
     os.replace(tmp, path)
@@ -237,7 +269,7 @@ def write_modelfile(out_dir: Path, gguf_path: Path, lm: LoadedModel, system: str
         if '"""' in system:
             raise UserError('the system prompt contains """, which an Ollama Modelfile cannot quote; rephrase it.')
         lines += [f'SYSTEM """{system}"""', ""]
-    for i in lm.eos_token_ids:  # generation ends at these (<|im_end|> for ChatML)
+    for i in stop_token_ids(lm):  # generation ends at these (<|im_end|> for ChatML, and <|endoftext|> for Qwen)
         lines.append(f'PARAMETER stop "{lm.tokenizer.tok.id_to_token(i)}"')
     names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
     for k, v in lm.generation_defaults.items():
