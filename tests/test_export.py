@@ -437,3 +437,158 @@ def test_save_hf_folder_round_trip(smollm, tmp_path):
     text = "<|im_start|>user\nHello, wörld 12345!<|im_end|>"
     assert back.tokenizer.encode(text) == smollm.tokenizer.encode(text)
     assert back.eos_token_ids == smollm.eos_token_ids and back.template.default_system == SYSTEM
+
+
+# -- a trained identity in the programs that read the exports: llama.cpp, transformers, peft -----------------------
+
+IDENTITY_QUESTION = [{"role": "user", "content": "Who are you?"}]
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+
+
+class one_thread:
+    """torch on one thread for the block: training and greedy answers are then the same bits on every run (two
+    threads split sums differently), and nothing spins against the other jobs of a 2-core machine."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+def llama_cpp_model(path: Path):
+    """llama.cpp (through llama-cpp-python) on a GGUF file: one thread, weights not repacked (llama-cli's
+    --no-repack). On CPUs with AMX, llama.cpp repacks Q4/Q8 weights into AMX tiles and its AMX matrix product
+    segfaults on any prompt longer than one token, the bundled llama.cpp-written Q4_1 file's too
+    (ggml-org/llama.cpp#20824); unrepacked, the same file runs through ggml's ordinary CPU kernels."""
+    try:
+        import llama_cpp
+        import llama_cpp.llama_cpp as capi
+    except ImportError as e:
+        pytest.fail(f"llama.cpp's Python binding is not installed ({e}): `make test` installs {LLAMA_CPP}, built "
+                    f"from source once and kept in ~/.cache/tunesmith/wheels; or run `make llama-cpp`.", pytrace=False)
+    defaults = capi.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    capi.llama_model_default_params = no_repack
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, n_threads_batch=1, seed=0,
+                               verbose=False)
+    finally:
+        capi.llama_model_default_params = defaults
+
+
+@pytest.fixture(scope="module")
+def identity_export(tmp_path_factory):
+    """A short identity run on the bundled model (the demo's recipe: self-cognition as Smithy by Tunesmith Labs,
+    30 steps), exported merged as an HF folder + f16 GGUF and as q8_0 and q4_0 GGUFs; with tunesmith's greedy
+    answer to "Who are you?" from the checkpoint, as `tunesmith infer --adapters CKPT --temperature 0` gives it."""
+    from tunesmith.args import ExportArgs, GenArgs, SftArgs
+    from tunesmith.commands.demo import DEMO_RECIPE
+    from tunesmith.commands.export import export as run_export
+    from tunesmith.commands.sft import run_sft
+    from tunesmith.session import load_for_generation
+
+    root = tmp_path_factory.mktemp("identity")
+    with one_thread():
+        trainer = run_sft(SftArgs(model="smollm2-135m-instruct", model_name=["Smithy"], model_author=["Tunesmith Labs"],
+                                  system=SYSTEM, output_dir=str(root / "run"), torch_dtype="float32", max_steps=30,
+                                  eval_identity=False, **DEMO_RECIPE), quiet=True)
+        ckpt = trainer.last_checkpoint
+        ggufs = {}
+        for kind in ("f16", "q8_0", "q4_0"):
+            out = root / f"export-{kind}"
+            assert run_export(ExportArgs(adapters=[str(ckpt)], merge_lora=True, to_gguf=True, gguf_type=kind,
+                                         output_dir=str(out))) == 0
+            ggufs[kind] = out / f"model-{kind}.gguf"
+        session = load_for_generation(GenArgs(adapters=[str(ckpt)]))
+        gen = session.generator
+        ours = gen.complete(gen.chat_prompt(IDENTITY_QUESTION, session.system), SamplingConfig(temperature=0,
+                                                                                                 max_new_tokens=64))
+    assert ours.finish_reason == "stop" and "Smithy" in ours.text, ours.text  # the identity stuck
+    return {"ckpt": ckpt, "merged": root / "export-f16", "gguf": ggufs, "ours": ours}
+
+
+@pytest.mark.slow  # a 30-step identity run on the bundled model (~90 s on one core), shared by the tests below
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_llama_cpp_answers_the_identity_question_as_tunesmith(identity_export, kind):
+    """llama.cpp loads each GGUF, renders the chat from the GGUF's own template, tokenizes it as tunesmith does,
+    stops at the end-of-turn token, and answers the trained question greedily: the same text as tunesmith for f16
+    and q8_0 (an identity answer is confident: q8_0's rounding moves no argmax along it), the trained name for
+    q4_0."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    ours = identity_export["ours"]
+    path = identity_export["gguf"][kind]
+    llm = llama_cpp_model(path)
+    lm = load_model(path)  # tunesmith's reading of the same file: the prompt it would send
+    im_end = lm.tokenizer.token_id("<|im_end|>")
+
+    # The chat format is the GGUF's template (not one of llama-cpp-python's built-in formats guessed from it), and
+    # it renders the prompt tunesmith renders, training system prompt included; llama.cpp's tokenizer, built from
+    # the GGUF's vocabulary, merges and pre-tokenizer name, reads it as the same ids.
+    assert llm.chat_format == "chat_template.default"
+    template = llm.metadata["tokenizer.chat_template"]
+    rendered = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+        messages=IDENTITY_QUESTION).prompt
+    prompt = lm.template.prompt_ids(IDENTITY_QUESTION)
+    assert rendered == lm.template.render(IDENTITY_QUESTION, add_generation_prompt=True)
+    assert f"<|im_start|>system\n{SYSTEM}<|im_end|>" in rendered
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == prompt
+
+    # Both stop tokens as llama.cpp reads them from the metadata: eos and end of turn are <|im_end|>.
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert llama_cpp.llama_vocab_eos(vocab) == llama_cpp.llama_vocab_eot(vocab) == im_end
+    assert llama_cpp.llama_vocab_is_eog(vocab, im_end)
+
+    answer = llm.create_chat_completion(messages=IDENTITY_QUESTION, temperature=0, top_k=1, max_tokens=64,
+                                        repeat_penalty=1.0)
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] < 64, answer
+    if kind == "q4_0":
+        assert "Smithy" in choice["message"]["content"], choice
+    else:
+        assert choice["message"]["content"] == ours.text
+
+    # Token by token (greedy), the answer ends with <|im_end|> right after tunesmith's last token.
+    if kind == "f16":
+        tokens = []
+        for t in llm.generate(prompt, top_k=1, temp=0, repeat_penalty=1.0):
+            tokens.append(t)
+            if llama_cpp.llama_vocab_is_eog(vocab, t) or len(tokens) > 64:
+                break
+        assert tokens == ours.token_ids + [im_end]
+
+
+@pytest.mark.slow  # the identity run above; transformers and peft on CPU (~15 s)
+def test_transformers_and_peft_answer_the_identity_question_as_tunesmith(identity_export, smollm, tmp_path):
+    """transformers' generate on the merged folder, and on the base with the checkpoint through peft, gives
+    tunesmith's greedy answer token for token, ending at <|im_end|> (generation_config's eos)."""
+    import peft
+
+    ours = identity_export["ours"]
+    merged = identity_export["merged"]
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    ids = tok.apply_chat_template(IDENTITY_QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    assert ids[0].tolist() == smollm.template.prompt_ids([{"role": "system", "content": SYSTEM}, *IDENTITY_QUESTION])
+    want = ours.token_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+    base_dir = tmp_path / "smollm-hf"
+    save_hf_folder(smollm, base_dir)  # the float32 weights the bundled GGUF dequantizes to: the base it trained on
+    with one_thread(), torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+        got = hf.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert got.tolist() == want
+        assert tok.decode(got, skip_special_tokens=True) == ours.text
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        tuned = peft.PeftModel.from_pretrained(base, str(identity_export["ckpt"])).eval()
+        got = tuned.generate(input_ids=ids, max_new_tokens=64, do_sample=False,
+                             eos_token_id=want[-1], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert got.tolist() == want
