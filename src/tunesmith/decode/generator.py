@@ -55,11 +55,13 @@ class Generator:
     def context_length(self) -> int:
         return self.model.config.max_position_embeddings
 
-    def chat_prompt(self, messages: list[dict], system: str | None = None) -> list[int]:
-        """Prompt ids for a conversation; `system` is used only when the messages carry none."""
+    def chat_prompt(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None
+                    ) -> list[int]:
+        """Prompt ids for a conversation; `system` is used only when the messages carry none; `tools` (OpenAI
+        tool definitions) go to a template that renders them."""
         if system is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + list(messages)
-        return self.lm.template.prompt_ids(messages)
+        return self.lm.template.prompt_ids(messages, tools)
 
     def complete(self, prompt_ids: list[int], cfg: SamplingConfig) -> Completion:
         ids: list[int] = []

@@ -8,3 +8,6 @@ MIN_TEMPERATURE = 1e-4  # 0 is greedy; (0, MIN_TEMPERATURE) is refused, and gree
 MAX_TEMPERATURE = 100
 MIN_TOP_P = 1e-4
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100
+MAX_PRESENCE_PENALTY = 2.0  # OpenAI's bounds for presence_penalty / frequency_penalty: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # and for logit_bias values: [-100, 100]
+MAX_TOP_LOGPROBS = 20

@@ -30,6 +30,22 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0  # benchmarks force equal lengths with this; eos is ignored until reached
+    # The API's extra processing of a row's logits, in this order after the repetition penalty: logit_bias
+    # ((token, bias) pairs added), presence/frequency penalties (OpenAI's: subtracted once for every generated
+    # token seen / per occurrence), then a grammar's mask (decode/grammar.py). logprobs: k (0-20) to report each
+    # taken token's log-probability and the k most likely, from the model's own log-softmax (before all of these
+    # and before temperature); None for none.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: object | None = None  # a decode.grammar.Grammar
+    logprobs: int | None = None
+
+    @property
+    def processed(self) -> bool:
+        """Whether the row's logits need work beyond the repetition penalty before its token is picked."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 \
+            or self.grammar is not None
 
 
 def _finite(v: float, default: float) -> float:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tunesmith.decode.grammar import Matcher, apply_masks, new_bitmask
+from tunesmith.decode.limits import MAX_TOP_LOGPROBS
 from tunesmith.decode.sampling import SamplingConfig, greedy_pick, penalize, safe, sample
 from tunesmith.decode.static import StaticKVCache
 from tunesmith.decode.text import Delta, TextOut
@@ -31,6 +33,10 @@ class _Stream:
     pos: int = 0  # the slot the row's next fed token is written to
     sampled: int = 0  # tokens sampled on the device so far; the host has read fewer while a step is in flight
     prompt: list[int] | None = None  # until the next step prefills it
+    matcher: Matcher | None = None  # its grammar's parse state, when constrained (advanced as tokens are read)
+    bias: torch.Tensor | None = None  # (V,) its logit_bias, dense on the device
+    counts: bool = False  # it has presence/frequency penalties: DecodeSlots._counts holds its token counts
+    logprobs: list | None = None  # per-token logprob entries read but not yet handed out
 
 
 class DecodeSlots:
@@ -47,7 +53,18 @@ class DecodeSlots:
     adapter (lora.RowAdapters); prompts are prefilled one forward per adapter. With mix_adapters (the server,
     serving several adapters or an adapter and the base) every step runs that way, mixed or not: one compiled
     CUDA graph for all of them, instead of a compile per adapter (~80 s each for a 7B) on its first request.
-    Events are (key, Delta) pairs; a Delta with finish_reason ends that key's answer and frees its row."""
+    Events are (key, Delta) pairs; a Delta with finish_reason ends that key's answer and frees its row.
+
+    Answers that join in one step with the same prompt and adapter (n choices of one request) share one prefill:
+    the first is computed, the others get a copy of its cache slots and its logits.
+
+    Rows whose config asks for more than the repetition penalty (SamplingConfig.processed: logit_bias,
+    presence/frequency penalties, a grammar) are picked from their processed logits outside the compiled step;
+    rows that ask for logprobs also get the log-softmax's top entries, copied to the host with the tokens. Steps
+    where no row asks for any of this do exactly the work they did without them. A grammar row needs its
+    matcher to have taken the last token before its mask is made: in a step with such a row, the step's forward
+    is launched first, then the last step's tokens are read (the one wait per step the loop always has), then
+    the masks are filled and the rows sampled, so the forward runs on the device while the host works."""
 
     def __init__(self, generator, rows: int, max_len: int, cache: StaticKVCache | None = None,
                  mix_adapters: bool = False, prefill_tokens: int = 8192):
@@ -78,6 +95,11 @@ class DecodeSlots:
         self._penalty = torch.ones(rows, 1, dtype=torch.float32, device=self.device)
         self._seen = torch.zeros(rows, vocab, dtype=torch.bool, device=self.device)
         self._picks_state: tuple = ()  # the (blocked, penalty) rows last copied to the device
+        self.vocab = vocab
+        self._counts: torch.Tensor | None = None  # (rows, V) float32 generated-token counts, made on first use
+        self._lp: tuple | None = None  # device (chosen, top ids, top values) of logprob rows, made on first use
+        self._lp_host: tuple | None = None  # ... and their pinned host copies
+        self.prefilled_tokens = 0  # prompt tokens run through a prefill forward (shared prefills count once)
         generator.mark_static([self._eos_cols, self._blocked, self._penalty, self._seen])
         self._adapter: object = object()  # unknown until the first call sets it
         self._rows: RowAdapters | None = None  # built at the first step over a mix of adapters
@@ -118,10 +140,23 @@ class DecodeSlots:
             seen.zero_()
             seen.index_fill_(0, self._dev(prompt_ids), True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
-        self.streams[b] = _Stream(key, cfg, adapter, len(prompt_ids),
-                                  min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
-                                  TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids),
-                                  prompt=list(prompt_ids))
+        stream = _Stream(key, cfg, adapter, len(prompt_ids), min(cfg.max_new_tokens, self.capacity - len(prompt_ids)),
+                         TextOut(self.g.tokenizer, cfg.stop, token_sink), seen, gen, pos=len(prompt_ids),
+                         prompt=list(prompt_ids))
+        if cfg.grammar is not None:
+            stream.matcher = cfg.grammar.matcher()
+        if cfg.logit_bias:
+            ids, values = zip(*cfg.logit_bias)
+            stream.bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
+            stream.bias.index_put_((self._dev(list(ids)),), self._dev(list(values), torch.float32), accumulate=True)
+        if cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0:
+            if self._counts is None:
+                self._counts = torch.zeros(len(self.streams), self.vocab, dtype=torch.float32, device=self.device)
+            self._counts[b].zero_()
+            stream.counts = True
+        if cfg.logprobs is not None:
+            stream.logprobs = []
+        self.streams[b] = stream
         return []
 
     def _prefill_joined(self) -> list:
@@ -136,6 +171,14 @@ class DecodeSlots:
             groups.setdefault(s.adapter, []).append((b, s))
         for adapter, group in groups.items():
             self._use(adapter)
+            first: dict[tuple[int, ...], int] = {}  # prompt -> the row that prefills it
+            copies = []  # (row prefilled, row sharing it)
+            for b, s in group:
+                src = first.setdefault(tuple(s.prompt), b)
+                if src != b:
+                    copies.append((src, b))
+            group = [(b, s) for b, s in group if first[tuple(s.prompt)] == b]
+            logits_of = {}
             while group:
                 n = 1
                 while n < len(group) and (n + 1) * max(len(s.prompt) for _, s in group[: n + 1]) <= self.prefill_tokens:
@@ -145,7 +188,12 @@ class DecodeSlots:
                 ids = self._dev([s.prompt + [0] * (T - len(s.prompt)) for _, s in chunk])
                 last = self._dev([len(s.prompt) - 1 for _, s in chunk])
                 logits = self.g.decoder.prefill(ids, self.cache.rows(self._dev([b for b, _ in chunk])), last)
-                self._sample({b: logits[i] for i, (b, _) in enumerate(chunk)})
+                self.prefilled_tokens += sum(len(s.prompt) for _, s in chunk)
+                logits_of.update({b: logits[i] for i, (b, _) in enumerate(chunk)})
+            if copies:
+                self._copy_rows(copies, max(len(self.streams[d].prompt) for _, d in copies))
+                logits_of.update({d: logits_of[src] for src, d in copies})
+            self._sample(logits_of)
         for _, s in joined:
             s.prompt = None
         if self._rows is not None:
@@ -153,6 +201,13 @@ class DecodeSlots:
         events = self._collect()  # the step in flight, if any (its host copy is read before the next is made)
         self._launch_copy(joined)
         return events + self._collect()  # one wait for all the new rows' first tokens
+
+    def _copy_rows(self, copies: list[tuple[int, int]], length: int) -> None:
+        """Copy the first `length` cache slots of each (source, destination) row pair, every layer."""
+        src, dst = self._dev([a for a, _ in copies]), self._dev([d for _, d in copies])
+        for k, v in zip(self.cache.k, self.cache.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     @torch.inference_mode()
     def step(self):
@@ -178,6 +233,9 @@ class DecodeSlots:
             groups = {self._row_adapters([s.adapter if b in decoding else None
                                           for b, s in enumerate(self.streams)]): rows}
         self._update_picks_state()
+        launched = [(b, self.streams[b]) for b in rows]
+        constrained = any(s.matcher is not None for _, s in launched)
+        events = None
         try:
             for adapter, group in groups.items():
                 self._use(adapter)
@@ -186,13 +244,19 @@ class DecodeSlots:
                 logits, picked = step(self.tokens, self._dev(pos), self.cache, self._eos_cols, self._blocked,
                                       self._seen, self._penalty)
                 self.launch_seconds += time.perf_counter() - t1
+                if constrained and events is None:  # matchers take the last tokens before this step's masks
+                    launched_at = dict(launched)
+                    events = self._collect()
+                    group = [b for b in group if self.streams[b] is launched_at[b]]  # not ended just now
+                    if not group:
+                        continue
                 self._sample({b: logits[b] for b in group}, picked)
         finally:
             self.cache.kv_len = None
-        launched = [(b, self.streams[b]) for b in rows]
         for _, s in launched:
             s.pos += 1
-        events = self._collect()  # the previous step's tokens, read while this one runs (it may end rows)
+        if events is None:
+            events = self._collect()  # the previous step's tokens, read while this one runs (it may end rows)
         self._launch_copy(launched)
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
@@ -236,7 +300,7 @@ class DecodeSlots:
         streams = [self.streams[b] for b in rows]
         penalized = [i for i, s in enumerate(streams) if s.seen is not None]
         every_row = rows == list(range(len(self.streams)))
-        if picked is not None and all(s.cfg.temperature <= 0 for s in streams):
+        if picked is not None and all(s.cfg.temperature <= 0 and not s.cfg.processed for s in streams):
             if not every_row:
                 picked = picked[self._dev(rows)]
         else:
@@ -246,6 +310,13 @@ class DecodeSlots:
         if penalized:  # one flat index_fill_: indexing by device scalars would read them back (a wait)
             flat = self._dev([rows[i] for i in penalized]) * self._seen.shape[1] + picked[self._dev(penalized)]
             self._seen.view(-1).index_fill_(0, flat, True)
+        counted = [i for i, s in enumerate(streams) if s.counts]
+        if counted:
+            flat = self._dev([rows[i] for i in counted]) * self.vocab + picked[self._dev(counted)]
+            self._counts.view(-1).index_add_(0, flat, torch.ones(len(counted), device=self.device))
+        wanting = [i for i, s in enumerate(streams) if s.logprobs is not None]
+        if wanting:
+            self._logprobs(logits, rows, wanting, picked)
         if every_row:
             self.tokens[:, 0].copy_(picked)
         else:
@@ -265,15 +336,61 @@ class DecodeSlots:
             pen = self._dev([streams[i].cfg.repetition_penalty for i in penalized], torch.float32)[:, None]
             part = penalize(stacked[idx], self._seen[self._dev([rows[i] for i in penalized])], pen)
             stacked = stacked.index_copy(0, idx, part)
+        if any(s.cfg.processed for s in streams):
+            stacked = self._process(stacked, rows, streams)
         picked = greedy_pick(stacked)
         for i, s in enumerate(streams):
             if s.cfg.temperature > 0:  # penalized above; seeded rows keep their own generator
                 picked[i] = sample(stacked[i], s.seen, replace(s.cfg, repetition_penalty=1.0), s.gen)
         return picked
 
+    def _process(self, stacked: torch.Tensor, rows: list[int], streams: list[_Stream]) -> torch.Tensor:
+        """logit_bias, presence/frequency penalties and grammar masks on the rows' (R, V) float logits."""
+        biased = [i for i, s in enumerate(streams) if s.bias is not None]
+        if biased:
+            stacked = stacked.index_add(0, self._dev(biased), torch.stack([streams[i].bias for i in biased]))
+        counted = [i for i, s in enumerate(streams) if s.counts]
+        if counted:
+            idx = self._dev(counted)
+            counts = self._counts[self._dev([rows[i] for i in counted])]
+            presence = self._dev([streams[i].cfg.presence_penalty for i in counted], torch.float32)[:, None]
+            frequency = self._dev([streams[i].cfg.frequency_penalty for i in counted], torch.float32)[:, None]
+            part = stacked[idx] - frequency * counts - presence * (counts > 0)
+            stacked = stacked.index_copy(0, idx, part)
+        masked = [i for i, s in enumerate(streams) if s.matcher is not None]
+        if masked:
+            bitmask = new_bitmask(len(masked), self.vocab, self._pinned)  # a fresh pinned buffer: the caching
+            for j, i in enumerate(masked):  # allocator reuses it only once its copy has run
+                if not streams[i].matcher.done:
+                    streams[i].matcher.fill(bitmask, j)
+            idx = self._dev(masked)
+            stacked = stacked.index_copy(0, idx, apply_masks(stacked[idx], bitmask.to(self.device, non_blocking=True)))
+        return stacked
+
+    def _logprobs(self, logits: dict[int, torch.Tensor], rows: list[int], wanting: list[int],
+                  picked: torch.Tensor) -> None:
+        """The log-softmax of the model's logits for the rows that report logprobs: the picked token's entry and
+        the MAX_TOP_LOGPROBS largest, into the device buffers that _launch_copy copies with the tokens."""
+        if self._lp is None:
+            n, k = len(self.streams), min(MAX_TOP_LOGPROBS, self.vocab)
+            self._lp = (torch.zeros(n, dtype=torch.float32, device=self.device),
+                        torch.zeros(n, k, dtype=torch.long, device=self.device),
+                        torch.zeros(n, k, dtype=torch.float32, device=self.device))
+            self._lp_host = tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=self._pinned) for t in self._lp)
+        chosen, top_ids, top_values = self._lp
+        at = self._dev([rows[i] for i in wanting])
+        lp = torch.stack([logits[rows[i]] for i in wanting]).float().log_softmax(-1)
+        top = lp.topk(top_ids.shape[1])
+        chosen[at] = lp.gather(1, picked[self._dev(wanting)][:, None])[:, 0]
+        top_ids[at] = top.indices
+        top_values[at] = top.values
+
     def _launch_copy(self, launched: list[tuple[int, _Stream]]) -> None:
         """Start copying the rows' new tokens to the host (after _collect has read the last ones)."""
         self._host.copy_(self.tokens[:, 0], non_blocking=True)
+        if self._lp is not None and any(s.logprobs is not None for _, s in launched):
+            for host, dev in zip(self._lp_host, self._lp):
+                host.copy_(dev, non_blocking=True)
         event = None
         if self._pinned:
             event = torch.cuda.Event()
@@ -291,6 +408,9 @@ class DecodeSlots:
             event.synchronize()
             self.wait_seconds += time.perf_counter() - t0
         host = self._host.tolist()
+        lp = None
+        if self._lp is not None and any(s.logprobs is not None for _, s in launched):
+            lp = [t.tolist() for t in self._lp_host]
         events = []
         for b, s in launched:
             if self.streams[b] is not s:  # left, or ended at an earlier token
@@ -299,10 +419,15 @@ class DecodeSlots:
             finish = None
             if tok in self.eos:
                 finish = "stop"
+            elif s.matcher is not None and not s.matcher.accept(tok):  # cannot happen with its mask applied
+                finish = "stop"
             else:
+                if s.logprobs is not None:
+                    k = s.cfg.logprobs
+                    s.logprobs.append((tok, lp[0][b], lp[1][b][:k], lp[2][b][:k]))
                 piece, stopped = s.text.push(tok)
                 if piece:
-                    events.append((s.key, Delta(piece)))
+                    events.append((s.key, Delta(piece, logprobs=self._take_logprobs(s))))
                 if stopped:
                     finish = "stop"
                 elif len(s.text.ids) >= s.max_new:
@@ -310,10 +435,18 @@ class DecodeSlots:
             if finish:
                 rest = s.text.rest()
                 if rest:
-                    events.append((s.key, Delta(rest)))
-                events.append((s.key, Delta("", finish, s.prompt_tokens, len(s.text.ids))))
+                    events.append((s.key, Delta(rest, logprobs=self._take_logprobs(s))))
+                events.append((s.key, Delta("", finish, s.prompt_tokens, len(s.text.ids),
+                                            logprobs=self._take_logprobs(s))))
                 self.streams[b] = None
         return events
+
+    @staticmethod
+    def _take_logprobs(s: _Stream) -> list | None:
+        if not s.logprobs:
+            return None
+        out, s.logprobs = s.logprobs, []
+        return out
 
 
 def cudagraph_thread_setup() -> None:

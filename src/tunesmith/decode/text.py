@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Delta:
-    """One streamed piece: new text; on the last piece, finish_reason is 'stop' or 'length'."""
+    """One streamed piece: new text; on the last piece, finish_reason is 'stop' or 'length'. logprobs (when the
+    answer asked for them): one (token, logprob, top ids, top logprobs) tuple per token taken since the last
+    piece that carried them."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[tuple[int, float, list[int], list[float]]] | None = None
 
 
 @dataclass

@@ -7,9 +7,20 @@ conversation carries none; the base model gets its template's default (or --syst
 
 The model loads in a background thread after the port opens: /health answers 503 until it is ready, then 200.
 Every error is OpenAI's envelope {"error": {"message", "type", "param", "code"}} with the matching status; user
-input never causes a 500. Where we differ from OpenAI:
+input never causes a 500.
+
+Supported beyond plain sampling (both routes unless said): `n` (its rows share one prefill), `seed` (each row
+its own generator: the same request gives the same text in any batch), `stop`, `logprobs` (+ `top_logprobs` on
+chat, up to 20: the model's own log-softmax, before penalties, bias, masks and temperature), `presence_penalty`
+and `frequency_penalty` (over the answer's own tokens), `logit_bias`, `response_format` (`json_object`,
+`json_schema`: constrained decoding, decode/grammar.py), and on chat `tools`, `tool_choice` (`auto`, `none`,
+`required` or a named function; the last two constrain the answer to well-formed calls), `parallel_tool_calls`,
+`tool` messages and assistant `tool_calls` (serve/tools.py). A field that would change the answer and is not
+supported is a 400 naming it; HARMLESS_FIELDS are accepted and ignored. Where we differ from OpenAI:
   * a request that runs past --request_timeout ends with 408 (mid-stream: an error event before [DONE]);
-  * vLLM's extension fields `top_k` and `repetition_penalty` are accepted; logprobs and echo are refused (400);
+  * vLLM's extension fields `top_k`, `repetition_penalty` and `min_tokens` are accepted; echo is refused (400);
+  * `tool_choice: "none"` leaves the tools out of the prompt; `response_format` with tools the model may call
+    is refused (400): the answer is either free text with calls or constrained JSON;
   * sampling values outside decode/limits.py's numerically safe ranges are refused (400): temperature 0 or in
     [1e-4, 2], top_p in [1e-4, 1], repetition_penalty in [0.01, 100]; max_tokens at most the model length
     (--max_model_len), n at most 16, prompts x n at most MAX_CHOICES per request;
@@ -48,10 +59,13 @@ from starlette.requests import ClientDisconnect
 from tunesmith.args import DeployArgs
 from tunesmith.errors import UserError
 from tunesmith.decode.generator import Generator
-from tunesmith.decode.limits import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P
+from tunesmith.decode.grammar import Grammar, GrammarError, Grammars, grammars_for
+from tunesmith.decode.limits import (MAX_LOGIT_BIAS, MAX_PRESENCE_PENALTY, MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS,
+                                     MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P)
 from tunesmith.decode.sampling import SamplingConfig, with_defaults
 from tunesmith.runs import read_checkpoint_args
 from tunesmith.serve.engine import Engine, EngineBusy, EngineStopping, Job, log
+from tunesmith.serve.tools import ToolCallStream, for_template, parse_tool_calls, template_renders_tools
 from tunesmith.session import Session, sampling_from
 
 STATIC = Path(__file__).parent / "static"
@@ -62,6 +76,10 @@ MAX_JSON_DEPTH = 64  # the deepest nesting a request body may have (OpenAI's req
 MAX_N = 16  # choices per request
 MAX_CHOICES = 512  # answers per request: prompts x n (each is a row of the batch for as long as it decodes)
 MAX_STOP = 16  # stop strings per request (each is searched for after every token)
+MAX_TOOLS = 128  # tool definitions per request
+# Fields OpenAI's API has that cannot change an answer here: accepted and ignored. Any other field this server
+# does not know is refused (400 naming it), so that a client never gets an answer that silently ignored it.
+HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 PAGE_HEADERS = {  # the page needs nothing from elsewhere; no inline script can run even if text slipped into HTML
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
                                "frame-ancestors 'none'",
@@ -92,10 +110,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields chat and text completions share. Unknown fields are ignored, as OpenAI's SDKs send many."""
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(BaseModel):
+    """Fields chat and text completions share. Fields outside the model are kept (extra="allow") and checked
+    against HARMLESS_FIELDS (refuse_unknown)."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None  # None: the first adapter, else the base model
     temperature: float | None = Field(None, ge=0, le=2)  # (0, MIN_TEMPERATURE) is refused by Backend.sampling
     top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
@@ -108,40 +133,87 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PRESENCE_PENALTY, le=MAX_PRESENCE_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PRESENCE_PENALTY, le=MAX_PRESENCE_PENALTY)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    model_config = ConfigDict(extra="ignore")  # `name` and other labels do not reach the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
 
 
 def parse_body(cls: type[BaseModel], body) -> BaseModel:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     try:
-        return cls.model_validate(body)
+        req = cls.model_validate(body)
     except ValidationError as e:
         raise validation_error(e.errors())
+    refuse_unknown(req)
+    return req
+
+
+def refuse_unknown(req: BaseModel) -> None:
+    """400 naming the first field this server does not support (HARMLESS_FIELDS excepted)."""
+    for name in req.model_extra or {}:
+        if name not in HARMLESS_FIELDS:
+            raise ApiError(400, f"Unsupported parameter: '{name}' is not supported by this server, and answering "
+                                f"without it could give a different answer than asked for; remove it.",
+                           param=name, code="unsupported_parameter")
 
 
 def validation_error(errors) -> ApiError:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # pydantic names the union member that failed ("messages.0.content.str"); the field path is what users know
-    loc = [p for p in loc if not (p in ("str", "int", "list[str]", "list[int]", "list[dict]", "list[list[int]]")
-                                  or p.startswith(("list[", "function-")))]
+    loc = [p for p in loc if not (p in ("str", "int", "dict", "bool", "list[str]", "list[int]", "list[dict]",
+                                        "list[list[int]]")
+                                  or p.startswith(("list[", "function-", "literal[", "dict[")))]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param)
@@ -298,6 +370,7 @@ class Backend:
         self.engine: Engine | None = None
         self.models: dict[str, ServedModel] = {}
         self.defaults: SamplingConfig | None = None
+        self.grammars: Grammars | None = None
 
     def load(self) -> None:
         try:
@@ -305,6 +378,9 @@ class Backend:
             self.models = served_models(self.args, session)
             self.defaults = sampling_from(self.args, session.lm)
             self.session, self.generator = session, Generator(session.lm, compiled=self.args.torch_compile)
+            # the tokenizer's grammar tables, made now rather than in the first constrained request
+            self.grammars = grammars_for(session.lm.tokenizer, session.lm.model.config.vocab_size,
+                                         session.lm.eos_token_ids)
             on_gpu = self.generator.model.lm_head_weight.device.type == "cuda"
             rows = self.args.max_num_seqs or (16 if on_gpu else 4)
             max_len = min(self.args.max_model_len or (8192 if on_gpu else 4096), self.generator.context_length)
@@ -343,12 +419,10 @@ class Backend:
                            param="model", code="model_not_found")
         return self.models[name]
 
-    def sampling(self, req: SamplingFields, max_tokens: int | None, max_tokens_param: str = "max_tokens"
-                 ) -> SamplingConfig:
+    def sampling(self, req: SamplingFields, max_tokens: int | None, max_tokens_param: str = "max_tokens",
+                 grammar: Grammar | None = None, logprobs: int | None = None) -> SamplingConfig:
         """The request's sampling values over the server's defaults, after the checks that pydantic's field bounds
         cannot express (one sentence naming the field)."""
-        if req.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server.", param="logprobs")
         if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
             raise ApiError(400, f"Invalid value for 'temperature': it must be 0 (greedy) or at least {MIN_TEMPERATURE} "
                                 f"(got {req.temperature}).", param="temperature")
@@ -364,7 +438,48 @@ class Backend:
         return with_defaults(self.defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens, seed=req.seed,
                              min_new_tokens=req.min_tokens,
-                             stop=tuple(s for s in stop if s) if stop is not None else None)
+                             stop=tuple(s for s in stop if s) if stop is not None else None,
+                             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                             logit_bias=self.logit_bias(req.logit_bias), grammar=grammar, logprobs=logprobs)
+
+    def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...] | None:
+        if not bias:
+            return None
+        vocab = self.generator.model.config.vocab_size
+        out = []
+        for key, value in bias.items():
+            if not (key.isdigit() and int(key) < vocab):
+                raise ApiError(400, f"Invalid value for 'logit_bias': keys are token ids in [0, {vocab}) (got "
+                                    f"{key[:40]!r}).", param="logit_bias")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ApiError(400, f"Invalid value for 'logit_bias': biases lie in [-{MAX_LOGIT_BIAS:g}, "
+                                    f"{MAX_LOGIT_BIAS:g}] (got {value} for token {key}).", param="logit_bias")
+            out.append((int(key), float(value)))
+        return tuple(out)
+
+    def response_grammar(self, fmt: ResponseFormat | None) -> Grammar | None:
+        """The grammar of a response_format (None for text); 400 naming it when its schema does not compile.
+        Runs off the event loop (a new schema takes milliseconds to compile)."""
+        if fmt is None or fmt.type == "text":
+            if fmt is not None and fmt.json_schema is not None:
+                raise ApiError(400, "Invalid value for 'response_format': json_schema is only read with type "
+                                    "'json_schema'.", param="response_format")
+            return None
+        if fmt.type == "json_object":
+            return self.grammars.json_schema(None)
+        spec = fmt.json_schema
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+            raise ApiError(400, "Missing required parameter: 'response_format.json_schema' (an object with 'name' "
+                                "and 'schema').", param="response_format.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "Invalid value for 'response_format.json_schema.schema': a JSON schema is an object.",
+                           param="response_format.json_schema.schema")
+        try:
+            return self.grammars.json_schema(schema)
+        except GrammarError as e:
+            raise ApiError(400, f"Invalid value for 'response_format.json_schema.schema': this schema cannot be "
+                                f"used for constrained decoding ({e}).", param="response_format.json_schema.schema")
 
     def begin_shutdown(self) -> None:
         """The server is stopping: refuse new requests and end open ones now (serve/server.py calls this before
@@ -452,15 +567,45 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
         req = parse_body(ChatRequest, await read_json(request, json_only))
         served = backend.resolve(req.model)
         messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
+        tools, forced = tool_choice(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "Invalid value for 'top_logprobs': it needs 'logprobs' set to true.",
+                           param="top_logprobs")
+        if tools and req.response_format is not None and req.response_format.type != "text":
+            raise ApiError(400, "Invalid value for 'response_format': it cannot be combined with tools the model may "
+                                "call; set 'tool_choice' to 'none' or leave response_format out.",
+                           param="response_format")
+
+        def grammar() -> Grammar | None:
+            if forced is None:
+                return backend.response_grammar(req.response_format)
+            try:
+                # a named function: one call of it; 'required': one, or several unless parallel_tool_calls is false
+                parallel = req.tool_choice == "required" and req.parallel_tool_calls is not False
+                return backend.grammars.tool_calls(forced, parallel)
+            except GrammarError as e:
+                raise ApiError(400, f"Invalid value for 'tools': a function's parameters cannot be used for "
+                                    f"constrained decoding ({e}).", param="tools")
+
+        def prompt() -> list[int]:
+            template = backend.session.lm.template
+            msgs, listed = messages, None
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                system = served.system if served.system is not None else template.default_system
+                msgs, listed = for_template(messages, tools, template_renders_tools(template.source), system)
+            return backend.generator.chat_prompt(msgs, served.system, listed)
+
         cfg = backend.sampling(req, req.max_completion_tokens or req.max_tokens,
-                               "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+                               "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                               await asyncio.to_thread(grammar),
+                               (req.top_logprobs or 0) if req.logprobs else None)
         try:  # off the event loop: a long conversation takes a while to render and tokenize
-            ids = await asyncio.to_thread(backend.generator.chat_prompt, messages, served.system)
+            ids = await asyncio.to_thread(prompt)
         except (jinja2.TemplateError, UserError) as e:
             raise ApiError(400, f"The chat template refused these messages: {e}", param="messages")
         backend.check_context(ids, "messages")
         prompts = [(ids, seeded(cfg, i)) for i in range(req.n)]
-        return await respond(request, backend, served, prompts, len(ids), req, chat=True)
+        return await respond(request, backend, served, prompts, len(ids), req, chat=True, tools=bool(tools))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request):
@@ -468,11 +613,16 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
         served = backend.resolve(req.model)
         if req.echo:
             raise ApiError(400, "echo is not supported by this server.", param="echo")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, "Invalid value for 'best_of': this server returns every choice it makes, so best_of "
+                                "must equal n (or be left out).", param="best_of")
         texts = prompt_list(req.prompt)
         if len(texts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"This request asks for {len(texts) * req.n} answers ({len(texts)} prompts x "
                                 f"n={req.n}); at most {MAX_CHOICES} per request.", param="prompt")
-        cfg = backend.sampling(req, req.max_tokens if req.max_tokens is not None else 16)  # OpenAI's default: 16
+        grammar = await asyncio.to_thread(backend.response_grammar, req.response_format)
+        cfg = backend.sampling(req, req.max_tokens if req.max_tokens is not None else 16,  # OpenAI's default: 16
+                               grammar=grammar, logprobs=req.logprobs)
         vocab = backend.generator.model.config.vocab_size
         tok, lm = backend.generator.tokenizer, backend.session.lm
         # Raw text gets the BOS token when the model's own chat template starts turns with one (Llama), as HF does.
@@ -499,17 +649,60 @@ def create_app(load_session: Callable[[], Session], args: DeployArgs) -> FastAPI
 
 
 def chat_message(m: ChatMessage, i: int) -> dict:
-    """A template message from an OpenAI one: text parts joined; 'developer' is the newer name of 'system'."""
+    """A template message from an OpenAI one: text parts joined; 'developer' is the newer name of 'system'; an
+    assistant's tool_calls and a tool message's tool_call_id kept (serve/tools.py renders them)."""
     role = "system" if m.role == "developer" else m.role
+    if m.tool_calls and role != "assistant":
+        raise ApiError(400, f"messages[{i}]: only assistant messages carry tool_calls.",
+                       param=f"messages.{i}.tool_calls")
     if m.content is None or isinstance(m.content, str):
-        return {"role": role, "content": m.content or ""}
-    texts = []
-    for part in m.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"messages[{i}]: only text content parts are supported (got type "
-                                f"'{part.get('type')}').", param=f"messages.{i}.content")
-        texts.append(part["text"])
-    return {"role": role, "content": "".join(texts)}
+        out = {"role": role, "content": m.content or ""}
+    else:
+        texts = []
+        for part in m.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}]: only text content parts are supported (got type "
+                                    f"'{part.get('type')}').", param=f"messages.{i}.content")
+            texts.append(part["text"])
+        out = {"role": role, "content": "".join(texts)}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                             for c in m.tool_calls]
+    if role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def tool_choice(req: ChatRequest) -> tuple[list[dict] | None, list[dict] | None]:
+    """(the tool definitions to render, or None; the functions a call is forced among, or None) from tools and
+    tool_choice: 'none' renders no tools, 'auto' (the default with tools) lets the model choose, 'required'
+    forces one or more calls, {"type": "function", "function": {"name": ...}} forces that function."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "Invalid value for 'tool_choice': it names a tool choice but the request has no "
+                                "tools.", param="tool_choice")
+        return None, None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    functions = [t["function"] for t in tools]
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "Invalid value for 'tools': two tools have the same function name.", param="tools")
+    if choice is None or choice == "auto":
+        return tools, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        return tools, functions
+    name = choice.get("function", {}).get("name") if choice.get("type") == "function" and isinstance(
+        choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, "Invalid value for 'tool_choice': 'none', 'auto', 'required' or {\"type\": "
+                            "\"function\", \"function\": {\"name\": ...}}.", param="tool_choice")
+    if name not in names:
+        raise ApiError(400, f"Invalid value for 'tool_choice': no tool is named '{name[:64]}'.", param="tool_choice")
+    return tools, [f for f in functions if f["name"] == name]
 
 
 def prompt_list(prompt) -> list:
@@ -531,7 +724,8 @@ def seeded(cfg: SamplingConfig, i: int) -> SamplingConfig:
 # ---- answering ---------------------------------------------------------------------------------------------
 
 async def respond(request: Request, backend: Backend, served: ServedModel, prompts, prompt_tokens: int,
-                  req: SamplingFields, chat: bool):
+                  req: SamplingFields, chat: bool, tools: bool = False):
+    """Run the job and answer: whole, or as a stream. tools: the answers' tool-call blocks become tool_calls."""
     job = Job(served.adapter, prompts, backend.args.request_timeout)
     try:
         backend.engine.submit(job)
@@ -542,55 +736,142 @@ async def respond(request: Request, backend: Backend, served: ServedModel, promp
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": served.id, "system_fingerprint": None}
+    logprobs = Logprobs(backend, chat) if prompts[0][1].logprobs is not None else None
+    one_call = getattr(req, "parallel_tool_calls", None) is False
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(stream_chunks(backend, job, head, prompt_tokens, chat, include_usage),
+        return StreamingResponse(stream_chunks(backend, job, head, prompt_tokens, chat, include_usage, tools,
+                                               logprobs, one_call),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(cancel_on_disconnect(request, backend.engine, job))
-    texts, finish, completion_tokens = [""] * len(prompts), [None] * len(prompts), 0
+    n = len(prompts)
+    texts, finish, completion_tokens, lps = [""] * n, [None] * n, 0, [[] for _ in range(n)]
     try:
         async for i, d in job_events(backend.engine, job):
             texts[i] += d.text
+            if d.logprobs:
+                lps[i] += d.logprobs
             if d.finish_reason:
                 finish[i], completion_tokens = d.finish_reason, completion_tokens + d.completion_tokens
     finally:
         watcher.cancel()
         backend.engine.cancel(job)
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
-    else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish))]
+    choices = []
+    for i, (t, f) in enumerate(zip(texts, finish)):
+        if logprobs:
+            logprobs.offset = 0
+        lp = logprobs.block(lps[i]) if logprobs else None
+        if not chat:
+            choices.append({"index": i, "text": t, "logprobs": lp, "finish_reason": f})
+            continue
+        message = {"role": "assistant", "content": t}
+        if tools:
+            content, calls = parse_tool_calls(t)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls[:1] if one_call else calls}
+                f = "tool_calls" if f == "stop" else f
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": f})
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-async def stream_chunks(backend: Backend, job: Job, head: dict, prompt_tokens: int, chat: bool, include_usage: bool):
+class Logprobs:
+    """Logprob entries (decode/text.py Delta.logprobs) in OpenAI's shapes: chat's {"content": [{token, logprob,
+    bytes, top_logprobs}]} or completions' {tokens, token_logprobs, top_logprobs, text_offset}."""
+
+    def __init__(self, backend: Backend, chat: bool):
+        self.grammars, self.tokenizer, self.chat = backend.grammars, backend.generator.tokenizer, chat
+        self.offset = 0  # completions: characters of the answer before the next entry
+
+    def token(self, t: int) -> tuple[str, list[int]]:
+        raw = self.grammars.token_bytes(t)
+        if not raw:  # a control token: its own spelling
+            text = self.tokenizer.tok.id_to_token(t) or ""
+            return text, list(text.encode())
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def block(self, entries: list) -> dict:
+        if self.chat:
+            content = []
+            for tok, lp, top_ids, top_lps in entries:
+                text, raw = self.token(tok)
+                tops = [dict(zip(("token", "bytes"), self.token(t)), logprob=v) for t, v in zip(top_ids, top_lps)]
+                content.append({"token": text, "logprob": lp, "bytes": raw,
+                                "top_logprobs": [{"token": x["token"], "logprob": x["logprob"], "bytes": x["bytes"]}
+                                                 for x in tops]})
+            return {"content": content, "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tok, lp, top_ids, top_lps in entries:
+            text = self.token(tok)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            tops: dict[str, float] = {}
+            for t, v in zip(top_ids, top_lps):
+                tops.setdefault(self.token(t)[0], v)
+            out["top_logprobs"].append(tops)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+async def stream_chunks(backend: Backend, job: Job, head: dict, prompt_tokens: int, chat: bool, include_usage: bool,
+                        tools: bool = False, logprobs: Logprobs | None = None, one_call: bool = False):
     """SSE as OpenAI sends it: a role chunk per choice, content chunks, a finish chunk per choice, then (with
-    include_usage) a chunk with empty choices and the usage, then `data: [DONE]`."""
+    include_usage) a chunk with empty choices and the usage, then `data: [DONE]`. With tools, each call is two
+    chunks: its index, id, type and name (arguments ""), then its arguments; the finish reason is 'tool_calls'."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
+    parsers = [ToolCallStream() for _ in job.prompts] if tools else None
+    offsets = [0] * len(job.prompts)
 
-    def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(i: int, delta: dict | str | None, finish: str | None, lp: list | None = None) -> str:
+        block = None
+        if lp and logprobs is not None:
+            logprobs.offset = offsets[i]
+            block = logprobs.block(lp)
+            offsets[i] = logprobs.offset
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "delta": delta or {}, "logprobs": block, "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": delta or "", "logprobs": block, "finish_reason": finish}
         return sse({**head, "choices": [choice], **extra})
+
+    def pieces(i: int, events: list) -> list[str]:
+        out = []
+        for kind, value in events:
+            if kind == "content":
+                out.append(chunk(i, {"content": value}, None))
+            elif not (one_call and parsers[i].calls > 1):
+                k = parsers[i].calls - 1
+                fn = value["function"]
+                out.append(chunk(i, {"tool_calls": [{"index": k, "id": value["id"], "type": "function",
+                                                     "function": {"name": fn["name"], "arguments": ""}}]}, None))
+                out.append(chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}, None))
+        return out
 
     completion_tokens = 0
     try:
         if chat:
             for i in range(len(job.prompts)):
-                yield chunk(i, None, None, role=True)
+                yield chunk(i, {"role": "assistant", "content": ""}, None)
         async for i, d in job_events(backend.engine, job):
-            if d.text:
-                yield chunk(i, d.text, None)
+            if parsers is not None:
+                out = pieces(i, parsers[i].feed(d.text))
+                if d.finish_reason:
+                    out += pieces(i, parsers[i].finish())
+                for c in out:
+                    yield c
+                if d.logprobs:
+                    yield chunk(i, None, None, d.logprobs)
+            elif d.text or d.logprobs:
+                yield chunk(i, {"content": d.text} if chat and d.text else (d.text if not chat else None), None,
+                            d.logprobs)
             if d.finish_reason:
                 completion_tokens += d.completion_tokens
-                yield chunk(i, None, d.finish_reason)
+                finish = d.finish_reason
+                if parsers is not None and parsers[i].calls and finish == "stop":
+                    finish = "tool_calls"
+                yield chunk(i, None, finish)
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     except ApiError as e:  # the status line is long gone: OpenAI's SDKs raise on an error event

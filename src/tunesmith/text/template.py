@@ -56,11 +56,16 @@ class ChatTemplate:
             raise UserError(f"the chat template does not parse (line {e.lineno}: {e.message}).")
         self.default_system = self._find_default_system()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+               ) -> str:
+        """The conversation as text; `tools` (OpenAI tool definitions) go to templates that render them, as
+        transformers passes them."""
         special = self.tokenizer.special
+        extra = {"tools": tools} if tools else {}
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
+            **extra,
             bos_token=special.get("bos_token") or "",
             eos_token=special.get("eos_token") or "",
             pad_token=special.get("pad_token") or "",
@@ -83,9 +88,9 @@ class ChatTemplate:
             return bare[len(pre) : len(bare) - len(post)]
         return None
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the conversation followed by the generation prompt (what a model continues)."""
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True, tools=tools))
 
     def _content_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
         """Where the messages' own text lies in `text` (their rendering), when some message holds the string of a
