@@ -215,6 +215,14 @@ def kill_jobs(workdir: Path) -> None:
             os.killpg(job["pid"], signal.SIGKILL)
 
 
+def more_points(points, n: int, timeout: float = 60) -> None:
+    """Wait until the chart shows more than n points (the page's CSP rules out wait_for_function's eval)."""
+    deadline = time.time() + timeout
+    while points.count() <= n:
+        assert time.time() < deadline, f"the chart stayed at {n} points"
+        time.sleep(0.25)
+
+
 @pytest.mark.slow
 def test_studio_end_to_end(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -255,7 +263,7 @@ def test_studio_end_to_end(tmp_path):
             page.fill("#name-en", "Nova")
             page.fill("#author-zh", "星辰实验室")
             page.fill("#author-en", "Star Lab")
-            expect(page.locator("#identity-rows")).to_contain_text("Nova", timeout=10_000)
+            expect(page.locator("#identity-rows")).to_contain_text("星辰实验室", timeout=10_000)
             expect(page.locator("#identity-rows")).to_contain_text("小诺")
             upload = tmp_path / "extra.jsonl"
             rows = [{"query": f"What do you like, {i}?", "response": f"I am Nova and I like number {i}."} for i in range(8)]
@@ -303,7 +311,7 @@ def test_studio_end_to_end(tmp_path):
             points = page.locator("#chart .loss-pt")
             expect(points).not_to_have_count(0, timeout=90_000)  # from the first logged step
             first = points.count()
-            page.wait_for_function(f"document.querySelectorAll('#chart .loss-pt').length > {first}", timeout=60_000)
+            more_points(points, first)
 
             # a page reload mid-run, and a restart of web-ui: the run is still live
             page.reload()
@@ -314,7 +322,7 @@ def test_studio_end_to_end(tmp_path):
             expect(page.locator("#run-id")).to_have_text(run_id, timeout=20_000)
             expect(page.locator("#run-state")).to_have_text("training")
             n = page.locator("#chart .loss-pt").count()
-            page.wait_for_function(f"document.querySelectorAll('#chart .loss-pt').length > {n}", timeout=60_000)
+            more_points(page.locator("#chart .loss-pt"), n)
             expect(page.locator("#resume-from option")).not_to_have_count(0, timeout=60_000)  # a checkpoint exists
             page.screenshot(path=str(shots / "studio-train-en.png"), full_page=True)
 
