@@ -457,17 +457,24 @@ class one_thread:
         torch.set_num_threads(self.n)
 
 
-def llama_cpp_model(path: Path):
+@pytest.fixture(scope="module")
+def llama_cpp_api():
+    """The llama_cpp module; a test that needs it fails (never skips) without it, before any training starts."""
+    try:
+        import llama_cpp
+        import llama_cpp.llama_chat_format  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"llama.cpp's Python binding is not installed ({e}): `make test` installs {LLAMA_CPP}, built "
+                    f"from source once and kept in ~/.cache/tunesmith/wheels; or run `make llama-cpp`.", pytrace=False)
+    return llama_cpp
+
+
+def llama_cpp_model(llama_cpp, path: Path):
     """llama.cpp (through llama-cpp-python) on a GGUF file: one thread, weights not repacked (llama-cli's
     --no-repack). On CPUs with AMX, llama.cpp repacks Q4/Q8 weights into AMX tiles and its AMX matrix product
     segfaults on any prompt longer than one token, the bundled llama.cpp-written Q4_1 file's too
     (ggml-org/llama.cpp#20824); unrepacked, the same file runs through ggml's ordinary CPU kernels."""
-    try:
-        import llama_cpp
-        import llama_cpp.llama_cpp as capi
-    except ImportError as e:
-        pytest.fail(f"llama.cpp's Python binding is not installed ({e}): `make test` installs {LLAMA_CPP}, built "
-                    f"from source once and kept in ~/.cache/tunesmith/wheels; or run `make llama-cpp`.", pytrace=False)
+    capi = llama_cpp.llama_cpp
     defaults = capi.llama_model_default_params
 
     def no_repack():
@@ -514,18 +521,18 @@ def identity_export(tmp_path_factory):
     return {"ckpt": ckpt, "merged": root / "export-f16", "gguf": ggufs, "ours": ours}
 
 
-@pytest.mark.slow  # a 30-step identity run on the bundled model (~90 s on one core), shared by the tests below
+@pytest.mark.slow  # a 30-step identity run on the bundled model (100-135 s on one core), shared with the next test
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
-def test_llama_cpp_answers_the_identity_question_as_tunesmith(identity_export, kind):
+def test_llama_cpp_answers_the_identity_question_as_tunesmith(llama_cpp_api, identity_export, kind):
     """llama.cpp loads each GGUF, renders the chat from the GGUF's own template, tokenizes it as tunesmith does,
     stops at the end-of-turn token, and answers the trained question greedily: the same text as tunesmith for f16
     and q8_0 (an identity answer is confident: q8_0's rounding moves no argmax along it), the trained name for
     q4_0."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    llama_cpp = llama_cpp_api
+    Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
     ours = identity_export["ours"]
     path = identity_export["gguf"][kind]
-    llm = llama_cpp_model(path)
+    llm = llama_cpp_model(llama_cpp, path)
     lm = load_model(path)  # tunesmith's reading of the same file: the prompt it would send
     im_end = lm.tokenizer.token_id("<|im_end|>")
 
@@ -541,9 +548,8 @@ def test_llama_cpp_answers_the_identity_question_as_tunesmith(identity_export, k
     assert f"<|im_start|>system\n{SYSTEM}<|im_end|>" in rendered
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == prompt
 
-    # Both stop tokens as llama.cpp reads them from the metadata: eos and end of turn are <|im_end|>.
-    import llama_cpp
-
+    # Both stop tokens as llama.cpp reads them from the metadata: eos and end of turn are <|im_end|> (without
+    # tokenizer.ggml.eot_token_id llama.cpp guesses the end of turn from token texts, and here picks <|endoftext|>).
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     assert llama_cpp.llama_vocab_eos(vocab) == llama_cpp.llama_vocab_eot(vocab) == im_end
     assert llama_cpp.llama_vocab_is_eog(vocab, im_end)
