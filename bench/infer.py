@@ -15,6 +15,10 @@ values). Parts:
   server  16 concurrent streamed /v1/completions requests (64-token prompts, 256 tokens each) through the real
           `tunesmith deploy` app (uvicorn + httpx): aggregate completion tok/s; beside it HF generate on a batch of
           the same 16 prompts.
+With --json-schema, `decode` adds batch-1 decoding constrained to SCHEMA (a records array of 64+ objects, too long
+to finish within --new tokens) beside the same run unconstrained, and `server` adds waves where every request
+sends `response_format: json_schema` (SCHEMA), alternating with plain waves in the same server; each emits the
+constrained / unconstrained tok/s ratio.
   steps   the CUDA-graph decode step alone, batch 1 and 16 rows: ms per step and a per-kernel profile, for each
           of --variants: tunesmith's kernels (slot attention, ops/gemv.py's one-row products), inductor's
           products, every product through ops/gemv.py, the masked attention reference, the kernels without
@@ -46,6 +50,14 @@ import torch
 
 NEW = 256
 DEVICE = "cuda"
+JSON_SCHEMA = False
+# What constrained waves ask for: at least 64 records of three typed fields, so no answer can complete (and stop)
+# before NEW tokens, whatever random weights pick.
+SCHEMA = {"type": "object", "properties": {"records": {"type": "array", "minItems": 64, "items": {
+    "type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 16},
+                                     "ok": {"type": "boolean"}},
+    "required": ["id", "name", "ok"], "additionalProperties": False}}},
+    "required": ["records"], "additionalProperties": False}
 
 
 def emit(rec: dict) -> None:
@@ -186,6 +198,8 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
               "agree": int(agree.sum()), "of": NEW, "agree_where_top2_gap_gt_0.05": int((agree & clear).sum()),
               "gap_gt_0.05": int(clear.sum()), "first_free_running_difference": next(
                   (i for i, (a, b) in enumerate(zip(got, results[("tunesmith-eager", plen)])) if a != b), NEW)})
+        if JSON_SCHEMA:
+            bench_decode_schema(lm, fast, ids, full, runs)
         if skip_hf:
             continue
         x = torch.tensor([ids], device=DEVICE)
@@ -205,6 +219,35 @@ def bench_decode(model_dir: Path, runs: int, skip_hf: bool) -> None:
     del lm, fast, plain
     hf = None
     free()
+
+
+def bench_decode_schema(lm, gen, ids: list[int], full, runs: int) -> None:
+    """Batch-1 decode tok/s constrained to SCHEMA vs unconstrained, alternating in one run (the mask is filled
+    on the host while the device runs the step's forward)."""
+    from dataclasses import replace
+
+    from tunesmith.decode.grammar import grammars_for
+
+    grammar = grammars_for(lm.tokenizer, lm.model.config.vocab_size, lm.eos_token_ids).json_schema(SCHEMA)
+    constrained = replace(full, grammar=grammar)
+    first = replace(full, max_new_tokens=1, min_new_tokens=1)
+    gen.complete(ids, constrained)  # warm-up of the masked path
+    best = {}
+    for _ in range(runs):
+        for name, cfg in (("plain", full), ("json_schema", constrained)):
+            ttft = sync_time(lambda: gen.complete(ids, replace(first, grammar=cfg.grammar)))[0]
+            total, out = sync_time(lambda: gen.complete(ids, cfg))
+            assert out.completion_tokens == NEW, out.completion_tokens
+            rate = (NEW - 1) / (total - ttft)
+            if rate > best.get(name, (0,))[0]:
+                best[name] = (rate, ttft, out.text)
+    assert best["json_schema"][2].startswith('{"records"'), best["json_schema"][2][:80]  # a prefix of SCHEMA's JSON
+    for name, (rate, ttft, text) in best.items():
+        emit({"part": "decode", "impl": "tunesmith", "response_format": name, "prompt": len(ids), "new": NEW,
+              "ttft_ms": round(ttft * 1000, 1), "decode_tok_s": round(rate, 1),
+              **({"text_head": text[:80]} if name == "json_schema" else {})})
+    emit({"part": "decode", "check": "batch-1 json_schema / plain decode tok/s", "prompt": len(ids),
+          "ratio": round(best["json_schema"][0] / best["plain"][0], 3)})
 
 
 def greedy_inputs(g, rows: int) -> list[torch.Tensor]:
@@ -345,10 +388,15 @@ def bench_slots(model_dir: Path, streams: int) -> None:
     # torch's sync debug mode reports over a wave of greedy, sampled and penalized answers (0 expected).
     import warnings
 
+    from tunesmith.decode.grammar import grammars_for
+
+    grammar = grammars_for(lm.tokenizer, lm.model.config.vocab_size, lm.eos_token_ids).json_schema(SCHEMA)
     mixed = [cfg, SamplingConfig(max_new_tokens=16, min_new_tokens=8, temperature=0.8, top_p=0.9, top_k=50,
-                                 repetition_penalty=1.1, seed=1)]
+                                 repetition_penalty=1.1, seed=1),
+             SamplingConfig(max_new_tokens=16, grammar=grammar, logprobs=5, presence_penalty=0.5,
+                            frequency_penalty=0.5, logit_bias=((5, 1.0),))]
     for i, ids in enumerate(prompts):
-        batch.join(i, ids, mixed[i % 2])
+        batch.join(i, ids, mixed[i % 3])
     batch.step()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -357,7 +405,9 @@ def bench_slots(model_dir: Path, streams: int) -> None:
             batch.step()
         torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
-    emit({"part": "slots", "check": "host waits for the GPU in 8 steps of 16 mixed answers", "syncs": len(syncs)})
+    emit({"part": "slots", "check": "host waits for the GPU in 8 steps of 16 mixed answers (greedy; sampled; "
+                                    "json_schema + logprobs + penalties + logit_bias)", "syncs": len(syncs),
+          "sync_messages": sorted(set(syncs))[:5]})
     while batch.active:
         batch.step()
 
@@ -459,14 +509,17 @@ def bench_gemv() -> None:
         emit({"part": "gemv", "per_token_ms": impl, "ms": round(sum(best_ms[s][pick(s)] * per_token[s] for s in shapes), 3)})
 
 
-def client_wave(url: str, prompts: list[list[int]]) -> tuple[float, list[tuple[int, float]]]:
-    """All prompts at once as streamed /v1/completions requests: (wall seconds, [(completion tokens, seconds to
-    the first token)])."""
+def client_wave(url: str, prompts: list[list[int]], new: int = NEW, schema: dict | None = None
+                ) -> tuple[float, list[tuple[int, float]]]:
+    """All prompts at once as streamed /v1/completions requests (with `schema`, each sends it as its
+    response_format): (wall seconds, [(completion tokens, seconds to the first token)])."""
     import httpx
 
     async def one(client, ids) -> tuple[int, float]:
-        body = {"prompt": ids, "max_tokens": NEW, "min_tokens": NEW, "temperature": 0, "stream": True,
+        body = {"prompt": ids, "max_tokens": new, "min_tokens": new, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "records", "schema": schema}}
         t0, first, tokens = time.perf_counter(), None, 0
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             async for line in r.aiter_lines():
@@ -546,7 +599,7 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
         if switch is not None:
             sys.setswitchinterval(switch)
         counters0 = batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds
-        wall, res = clients.submit(client_wave, url, prompts).result()
+        wall, res = clients.submit(client_wave, url, prompts, NEW).result()
         tokens = sum(t for t, _ in res)
         steps, busy, wait, launch = (b - a for a, b in zip(counters0, (
             batch.steps, batch.step_seconds, batch.wait_seconds, batch.launch_seconds)))
@@ -557,6 +610,27 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
               "median_ttft_ms": round(statistics.median(f for _, f in res) * 1000, 1), "decode_steps": steps,
               "ms_per_step_in_engine": per_step(busy), "ms_per_step_waiting_for_gpu": per_step(wait),
               "ms_per_step_launching_the_graph": per_step(launch), "share_of_wall_in_steps": round(busy / wall, 2)})
+    if JSON_SCHEMA:  # plain and constrained waves alternating, at the server's own hand-over interval
+        sys.setswitchinterval(0.0005)
+        best: dict[str, float] = {}
+        for rep in range(4):
+            name = ("plain", "json_schema")[rep % 2]
+            counters0 = batch.steps, batch.step_seconds, batch.wait_seconds
+            wall, res = clients.submit(client_wave, url, prompts, NEW, SCHEMA if name == "json_schema" else None
+                                       ).result()
+            tokens = sum(t for t, _ in res)
+            assert tokens == NEW * streams, (name, tokens)  # every answer ran its full length
+            steps, busy, wait = (b - a for a, b in zip(counters0, (batch.steps, batch.step_seconds,
+                                                                  batch.wait_seconds)))
+            best[name] = max(best.get(name, 0.0), tokens / wall)
+            emit({"part": "server", "impl": "tunesmith deploy", "response_format": name, "rep": rep // 2,
+                  "streams": streams, "completion_tokens": tokens, "wall_s": round(wall, 2),
+                  "aggregate_tok_s": round(tokens / wall, 1),
+                  "median_ttft_ms": round(statistics.median(f for _, f in res) * 1000, 1), "decode_steps": steps,
+                  "ms_per_step_in_engine": round(busy / max(steps, 1) * 1000, 2),
+                  "ms_per_step_waiting_for_gpu": round(wait / max(steps, 1) * 1000, 2)})
+        emit({"part": "server", "check": f"{streams}-stream json_schema / plain aggregate tok/s",
+              "ratio": round(best["json_schema"] / best["plain"], 3)})
     clients.shutdown()
     server.should_exit = True
     time.sleep(2)
@@ -572,6 +646,7 @@ def bench_server(model_dir: Path, streams: int, skip_hf: bool) -> None:
 
 
 def main() -> None:
+    global DEVICE, JSON_SCHEMA, NEW
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--parts", nargs="+", default=["load", "decode", "server"])
@@ -584,9 +659,11 @@ def main() -> None:
                     help="steps part: which kernels the compiled step uses (one variant: a longer profile)")
     ap.add_argument("--no-hf", action="store_true", help="tunesmith only (the HF baselines were measured before)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the bench itself on a tiny model")
+    ap.add_argument("--json-schema", action="store_true",
+                    help="decode and server parts: also constrained to SCHEMA, beside the plain figures")
+    ap.add_argument("--new", type=int, default=NEW, help="tokens per answer (decode, server, slots parts)")
     a = ap.parse_args()
-    global DEVICE
-    DEVICE = a.device
+    DEVICE, JSON_SCHEMA, NEW = a.device, a.json_schema, a.new
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     emit({"event": "start", "device": name, "torch": torch.__version__, "parts": a.parts})
     if not list(a.model_dir.glob("*.safetensors")):

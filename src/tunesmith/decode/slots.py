@@ -37,6 +37,7 @@ class _Stream:
     bias: torch.Tensor | None = None  # (V,) its logit_bias, dense on the device
     counts: bool = False  # it has presence/frequency penalties: DecodeSlots._counts holds its token counts
     logprobs: list | None = None  # per-token logprob entries read but not yet handed out
+    processed: bool = False  # cfg.processed, read once per step
 
 
 class DecodeSlots:
@@ -156,6 +157,7 @@ class DecodeSlots:
             stream.counts = True
         if cfg.logprobs is not None:
             stream.logprobs = []
+        stream.processed = cfg.processed
         self.streams[b] = stream
         return []
 
@@ -300,7 +302,7 @@ class DecodeSlots:
         streams = [self.streams[b] for b in rows]
         penalized = [i for i, s in enumerate(streams) if s.seen is not None]
         every_row = rows == list(range(len(self.streams)))
-        if picked is not None and all(s.cfg.temperature <= 0 and not s.cfg.processed for s in streams):
+        if picked is not None and all(s.cfg.temperature <= 0 and not s.processed for s in streams):
             if not every_row:
                 picked = picked[self._dev(rows)]
         else:
@@ -336,7 +338,7 @@ class DecodeSlots:
             pen = self._dev([streams[i].cfg.repetition_penalty for i in penalized], torch.float32)[:, None]
             part = penalize(stacked[idx], self._seen[self._dev([rows[i] for i in penalized])], pen)
             stacked = stacked.index_copy(0, idx, part)
-        if any(s.cfg.processed for s in streams):
+        if any(s.processed for s in streams):
             stacked = self._process(stacked, rows, streams)
         picked = greedy_pick(stacked)
         for i, s in enumerate(streams):
