@@ -22,6 +22,7 @@ Why xgrammar: its masks come from a per-grammar precomputed token table, 1-2 us 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,9 @@ import xgrammar as xgr
 
 SCHEMA_CACHE = 64  # compiled schemas kept per tokenizer
 MAX_WHITESPACE = 1  # consecutive whitespace characters allowed inside a tool call's arguments
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: " before its message
 
 
 class GrammarError(ValueError):
@@ -128,7 +132,8 @@ class Grammars:
         try:
             grammar = Grammar(compile_fn(), self.vocab_size)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise GrammarError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GrammarError(_SOURCE_PREFIX.sub("", first)) from None
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > SCHEMA_CACHE:
