@@ -382,8 +382,6 @@ def bench_slots(model_dir: Path, streams: int) -> None:
         prof.disable()
         emit({"part": "slots", "rep": rep, "streams": streams, "profiled": rep == 2, **figures})
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    if DEVICE != "cuda":
-        return
     # Host waits for the GPU inside the loop undo its pipelining (two were found this way, 2026-11-29): count what
     # torch's sync debug mode reports over a wave of greedy, sampled and penalized answers (0 expected).
     import warnings
@@ -400,13 +398,15 @@ def bench_slots(model_dir: Path, streams: int) -> None:
     batch.step()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
         for _ in range(8):
             batch.step()
-        torch.cuda.set_sync_debug_mode(0)
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
-    emit({"part": "slots", "check": "host waits for the GPU in 8 steps of 16 mixed answers (greedy; sampled; "
-                                    "json_schema + logprobs + penalties + logit_bias)", "syncs": len(syncs),
+    emit({"part": "slots", "check": f"host waits for the GPU in 8 steps of {streams} mixed answers (greedy; "
+                                    "sampled; json_schema + logprobs + penalties + logit_bias)", "syncs": len(syncs),
           "sync_messages": sorted(set(syncs))[:5]})
     while batch.active:
         batch.step()
