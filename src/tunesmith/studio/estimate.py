@@ -4,8 +4,8 @@
 
 The probe is a process of its own that does what the run will do, with the same code (commands/sft.py and
 train/loop.py): reads the data, loads the model, makes a sample of the general-distill answers when the data asks
-for them, encodes, plans (train/plan.py), then runs PROBE_STEPS optimizer steps on the run's largest samples,
-saves one checkpoint and times one batch of the identity check's answers. From these:
+for them, encodes, plans (train/plan.py), then runs PROBE_STEPS of the run's own optimizer steps (its largest step,
+then its first ones), saves one checkpoint and times one batch of the identity check's answers. From these:
 
   time    = the measured phases before training (process start, data, load, encode, setup)
           + general-distill: the measured batch x the batches the run will make
@@ -14,7 +14,7 @@ saves one checkpoint and times one batch of the identity check's answers. From t
           + checkpoints: the run's saves x the measured save
           + the identity check after an identity run: its answers x the measured seconds per answer
   memory  = the probe's measured peak (CPU: the process's peak resident memory; GPU: the allocator's peak, as sft
-            reports them) for the mode the run will use, on its largest step; the other modes from train/plan.py's
+            reports them) for the mode the run will use, through the run's largest step; the other modes from train/plan.py's
             estimates, shifted by the same difference between measured and planned where a measurement exists.
 
 OUT.json gets the estimate (or {"error": sentence}); the same sentence is printed as `error: ...`.
@@ -23,7 +23,6 @@ OUT.json gets the estimate (or {"error": sentence}); the same sentence is printe
 from __future__ import annotations
 
 import math
-import random
 import sys
 import tempfile
 import time
@@ -107,14 +106,15 @@ def probe(args, steps: int = PROBE_STEPS) -> dict:
     args = replace(args, gradient_checkpointing=plan.checkpointing, torch_compile=plan.compile)
     group = args.per_device_train_batch_size * args.gradient_accumulation_steps
     total_steps = planned_steps(args, len(train))
-    # step 1 on the largest samples (the run's peak memory, and the warm-up), the others on random ones (the rate)
-    largest = sorted(train, key=lambda s: len(s.input_ids), reverse=True)[:group]
-    rng = random.Random(args.data_seed)
-    picked = largest + [train[rng.randrange(len(train))] for _ in range(group * (steps - 1))]
+    # the run's own steps (train/loop.py's order: a pure function of the data seed): step 1 of the probe is the
+    # run's largest step (its peak memory, and the warm-up), the others its first steps (the rate)
+    run_steps = run_step_samples(train, group, total_steps, args.data_seed)
+    largest = max(run_steps, key=lambda ss: sum(len(x.input_ids) for x in ss))
+    picked = [largest] + run_steps[: steps - 1]
     probe_args = replace(args, max_steps=steps, save_steps=10**9, eval_steps=10**9, save_total_limit=None,
                          num_train_epochs=1.0)
-    trainer = Trainer(probe_args, lm, picked, [], tmp, device, quiet=True)
-    trainer.step_samples = lambda step: picked[step * group:(step + 1) * group]
+    trainer = Trainer(probe_args, lm, train, [], tmp, device, quiet=True)
+    trainer.step_samples = lambda step: picked[step]
     mark("setup")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,8 +131,7 @@ def probe(args, steps: int = PROBE_STEPS) -> dict:
     trainer.log.close()
 
     lengths = [len(s.input_ids) for s in train]
-    steps_per_epoch = math.ceil(len(train) / group)
-    run_tokens = total_steps * sum(lengths) / steps_per_epoch
+    run_tokens = sum(len(x.input_ids) for ss in run_steps for x in ss)
     saves = sum(1 for s in range(1, total_steps + 1) if s % args.save_steps == 0 or s == total_steps)
     evals = sum(1 for s in range(1, total_steps + 1) if s % args.eval_steps == 0 or s == total_steps) if val else 0
     eval_tokens = sum(len(s.input_ids) for s in val)
@@ -187,6 +186,20 @@ def probe(args, steps: int = PROBE_STEPS) -> dict:
         "fits": {k: (free is None or v <= free) for k, v in modes.items()},
         "train_type": args.train_type,
     }
+
+
+def run_step_samples(train: list, group: int, total_steps: int, seed: int) -> list[list]:
+    """The samples of each optimizer step of the run, as Trainer.step_samples picks them."""
+    import torch
+
+    per_epoch = math.ceil(len(train) / group)
+    out, order = [], None
+    for step in range(total_steps):
+        epoch, k = divmod(step, per_epoch)
+        if k == 0 or order is None:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.append([train[i] for i in order[k * group:(k + 1) * group]])
+    return out
 
 
 def identity_check_seconds(lm, system) -> float:
