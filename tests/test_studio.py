@@ -116,6 +116,7 @@ def test_bad_rows_get_the_clis_sentences_and_mapping_cleans_a_copy(tmp_path):
         D.inspect(f, "data/d.jsonl", {"a": "answer"})
 
 
+@pytest.mark.slow  # starts subprocesses
 def test_one_job_per_folder_stop_and_reattach(tmp_path):
     jobs = Jobs(tmp_path)
     folder = tmp_path / "job"

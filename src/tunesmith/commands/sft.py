@@ -316,18 +316,18 @@ def _run_sft(args: SftArgs, lm: LoadedModel | None, quiet: bool, start: RunStart
              + [replace(s, kl=args.retain_kl > 0) for s in samples[n_plain:] if s is not None])
     dropped = len(samples) - len(train)
     train_convs += distill_convs
-    if not quiet and (not distributed.active() or torch.distributed.get_rank() == 0):
-        print("\n".join(check.lines()), file=sys.stderr)
     val, dropped_val = encode_dataset(val_convs, lm.template, args.system, args.max_length, args.truncation_strategy)
-    if not train:
-        raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
-                        f"{args.max_length} or have no assistant answer.")
-    if resume is not None:  # epochs: the steps they make depend on the samples left after encoding
+    if resume is not None and train:  # epochs: the steps they make depend on the samples left after encoding
         total = planned_steps(args, len(train), torch.distributed.get_world_size() if distributed.active() else 1)
         if done >= total:
             if not quiet:
                 print(finished_run(resume, done, total), file=sys.stderr)
             return None
+    if not quiet and (not distributed.active() or torch.distributed.get_rank() == 0):
+        print("\n".join(check.lines()), file=sys.stderr)
+    if not train:
+        raise UserError(f"no training sample is left: all {len(train_convs)} are longer than --max_length "
+                        f"{args.max_length} or have no assistant answer.")
     phases.mark("encode")
     plan = plan_training(args, lm, train, device)
     if plan.quant_bits and not quant_modules(lm.model):  # the rows turned out longer than their bound

@@ -350,7 +350,7 @@ function chart(records, run) {
   const y = (v) => Tp + (H - Tp - B) * (1 - (v - lo) / (hi - lo));
   svg.append(mk("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }), mk("line", { x1: L, y1: Tp, x2: L, y2: H - B, class: "axis" }));
   for (const v of [lo, (lo + hi) / 2, hi]) { const tx = mk("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" }); tx.textContent = v.toFixed(2); svg.append(tx); }
-  for (const s of [1, total]) { const tx = mk("text", { x: x(s), y: H - 8, class: "tick", "text-anchor": "middle" }); tx.textContent = `${t("m.step")} ${s}`; svg.append(tx); }
+  for (const s of [1, total]) { const tx = mk("text", { x: x(s), y: H - 8, class: "tick", "text-anchor": s === 1 ? "start" : "end" }); tx.textContent = `${t("m.step")} ${s}`; svg.append(tx); }
   if (train.length > 1) svg.append(mk("polyline", { points: train.map((p) => `${x(p.step)},${y(p.loss)}`).join(" "), class: "loss" }));
   for (const p of train) svg.append(mk("circle", { cx: x(p.step), cy: y(p.loss), r: 3, class: "pt loss-pt" }));
   if (ev.length > 1) svg.append(mk("polyline", { points: ev.map((p) => `${x(p.step)},${y(p.eval_loss)}`).join(" "), class: "eval" }));
