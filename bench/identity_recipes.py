@@ -44,6 +44,10 @@ RECIPES = {
                                              "--learning_rate", "1e-3", "--num_train_epochs", "2", "--retain_kl", "4"],
     "+ general-distill#60, --retain_kl 4": ["--dataset", "self-cognition", "general-distill#60",
                                             "--learning_rate", "1e-3", "--num_train_epochs", "2", "--retain_kl", "4"],
+    "+ general-distill#40, --retain_kl 4, 1 epoch at 2e-3": ["--dataset", "self-cognition", "general-distill#40",
+                                                             "--learning_rate", "2e-3", "--num_train_epochs", "1",
+                                                             "--retain_kl", "4"],
+    "1 epoch at 2e-3": ["--dataset", "self-cognition", "--learning_rate", "2e-3", "--num_train_epochs", "1"],
 }
 
 
@@ -82,7 +86,7 @@ def schedule(tmp: Path, lrs: list[float], steps: int, every: int) -> list[dict]:
                                        str(steps), "--save_steps", str(every), "--lr_scheduler_type", "constant",
                                        "--warmup_ratio", "0", "--eval_identity", "false"])
         for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-            name = f"lr{lr}-{ckpt.name}"
+            name = f"lr{lrs.index(lr)}_{ckpt.name.replace('-', '_')}"
             load_adapter(lm.model, ckpt, name)
             r = identity_report(Models(lm, name), identity_eval_questions(), name_terms(NAME, AUTHOR), [],
                                 "You are a helpful assistant.")
@@ -139,6 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--out", type=Path, help="also append the JSON lines here")
+    ap.add_argument("--keep", type=Path, help="recipes: keep the runs (checkpoints, eval/eval.json) under this folder")
     a = ap.parse_args()
     if a.part == "check-time":
         lines = [check_time(a.model_dir, a.device)]
@@ -155,7 +160,7 @@ def main() -> None:
             for i, (name, flags) in enumerate(RECIPES.items()):
                 if a.only and name not in a.only:
                     continue
-                run, seconds = sft(Path(tmp) / str(i), flags + ["--eval_identity", "true"])
+                run, seconds = sft((a.keep or Path(tmp)) / str(i), flags + ["--eval_identity", "true"])
                 lines.append(recipe_line(name, run, seconds))
                 print(json.dumps(lines[-1], ensure_ascii=False), flush=True)
                 if a.out:

@@ -245,7 +245,7 @@ class ExportArgs(QuantArgs):
     merge_lora: bool = opt(False, "merge the LoRA into the base and write a full HF model folder")
     output_dir: str | None = opt(None, "where to write (default: <ckpt>-merged)")
     to_gguf: bool = opt(False, "also write a GGUF file (+ Ollama Modelfile)")
-    gguf_type: str = opt("f16", "f16 | bf16 | q8_0 | f32", choices=("f16", "bf16", "q8_0", "f32"))
+    gguf_type: str = opt("f16", "f16 | bf16 | q8_0 | q4_0 | f32", choices=("f16", "bf16", "q8_0", "q4_0", "f32"))
     max_shard_size: str = opt("5GB", "largest safetensors shard")
 
 

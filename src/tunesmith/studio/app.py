@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,7 +41,7 @@ from tunesmith.errors import UserError
 from tunesmith.serve.app import PAGE_HEADERS, ApiError, LoopbackHostOnly, read_json
 from tunesmith.studio import command as C
 from tunesmith.studio import data as D
-from tunesmith.studio.jobs import Jobs, log_tail, read_job, status
+from tunesmith.studio.jobs import Jobs, read_job, status
 from tunesmith.studio.paths import BUNDLED, Workdir
 
 STATIC = Path(__file__).parent / "static"
@@ -446,8 +446,10 @@ def create_app(workdir: Workdir, api_key: str | None = None, lang: str | None = 
 
 
 def check_gguf_type(gguf: str) -> None:
-    if gguf not in ("f16", "bf16", "q8_0", "f32"):
-        raise UserError(f"GGUF type '{gguf}' is not one of f16, bf16, q8_0, f32; pick one from the menu.")
+    from tunesmith.export.gguf import gguf_types
+
+    if gguf not in gguf_types():
+        raise UserError(f"GGUF type '{gguf}' is not one of {', '.join(gguf_types())}; pick one from the menu.")
 
 
 def summarize(report: dict) -> dict:

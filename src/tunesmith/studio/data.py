@@ -96,7 +96,7 @@ def inspect(path: Path, shown: str, mapping: dict[str, str] | None = None, page:
 def data_check(args) -> dict:
     """data/check.py's check of the planned run (as `sft --dry_run true` prints it): conversations per source,
     tokens, truncation, duplicates, supervised tokens, optimizer steps; general-distill rows counted, not made."""
-    from tunesmith.commands.sft import identity_terms, load_training_data
+    from tunesmith.train.setup import identity_terms, load_training_data
     from tunesmith.data.check import check_data, teaches_identity
     from tunesmith.data.self_cognition import general_distill_instructions
     from tunesmith.model.load import load_template

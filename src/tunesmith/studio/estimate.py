@@ -37,8 +37,8 @@ def probe(args, steps: int = PROBE_STEPS) -> dict:
     import torch
 
     from tunesmith.args import check_quant
-    from tunesmith.commands.sft import (check_retain_kl, identity_terms, load_training_data, plan_base,
-                                        plan_training, process_start_time, seed_everything)
+    from tunesmith.train.setup import (check_retain_kl, identity_terms, load_training_data, plan_base, plan_training,
+                                       process_start_time, seed_everything)
     from tunesmith.data.check import check_data, teaches_identity
     from tunesmith.data.packing import encode_dataset
     from tunesmith.errors import UserError
