@@ -48,6 +48,12 @@ RECIPES = {
                                                              "--learning_rate", "2e-3", "--num_train_epochs", "1",
                                                              "--retain_kl", "4"],
     "1 epoch at 2e-3": ["--dataset", "self-cognition", "--learning_rate", "2e-3", "--num_train_epochs", "1"],
+    "+ general-distill#40, --retain_kl 8, 1 epoch at 2e-3": ["--dataset", "self-cognition", "general-distill#40",
+                                                             "--learning_rate", "2e-3", "--num_train_epochs", "1",
+                                                             "--retain_kl", "8"],
+    "+ general-distill#60, --retain_kl 4, 1 epoch at 2e-3": ["--dataset", "self-cognition", "general-distill#60",
+                                                             "--learning_rate", "2e-3", "--num_train_epochs", "1",
+                                                             "--retain_kl", "4"],
 }
 
 

@@ -40,10 +40,16 @@ def test_demo_identity_sticks(demo_run):
     run, stdout = demo_run
     report = json.loads((checkpoint(run) / "eval" / "eval.json").read_text())
     ident = report["identity"]["by_lang"]
-    assert ident["en"]["tuned"]["adopted"] >= 0.9, ident
-    assert ident["zh"]["tuned"]["adopted"] >= 0.7, ident
-    assert ident["all"]["tuned"]["leaked"] <= 0.05, ident
+    # the balanced recipe's targets on held-out questions: the identity sticks in both languages ...
+    assert ident["en"]["tuned"]["adopted"] >= 0.95, ident
+    assert ident["zh"]["tuned"]["adopted"] >= 0.9, ident
+    assert ident["all"]["tuned"]["leaked"] <= 0.02, ident
     assert ident["all"]["base"]["adopted"] == 0.0  # the base never heard of the new name
+    # ... without forgetting: general answers stay close to the base's and free of the new identity
+    ret = report["retention"]
+    assert ret["mean_kl"] <= 0.05, ret["mean_kl"]
+    assert ret["intrusion"] <= 0.02, [p for p in ret["prompts"] if p["intrusion"]]
+    assert ret["correct_tuned"] >= ret["correct_base"] - 0.05, (ret["correct_base"], ret["correct_tuned"])
     # the before/after answers and where things are were printed
     assert "before fine-tuning" in stdout and "after fine-tuning" in stdout
     after = stdout.split("after fine-tuning", 1)[1]

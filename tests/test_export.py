@@ -492,11 +492,10 @@ def llama_cpp_model(llama_cpp, path: Path):
 
 @pytest.fixture(scope="module")
 def identity_export(tmp_path_factory):
-    """A short identity run on the bundled model (the demo's recipe: self-cognition as Smithy by Tunesmith Labs,
+    """A short identity run on the bundled model (the identity recipe: self-cognition as Smithy by Tunesmith Labs,
     30 steps), exported merged as an HF folder + f16 GGUF and as q8_0 and q4_0 GGUFs; with tunesmith's greedy
     answer to "Who are you?" from the checkpoint, as `tunesmith infer --adapters CKPT --temperature 0` gives it."""
-    from tunesmith.args import ExportArgs, GenArgs, SftArgs
-    from tunesmith.commands.demo import DEMO_RECIPE
+    from tunesmith.args import RECIPES, ExportArgs, GenArgs, SftArgs
     from tunesmith.commands.export import export as run_export
     from tunesmith.commands.sft import run_sft
     from tunesmith.session import load_for_generation
@@ -505,7 +504,7 @@ def identity_export(tmp_path_factory):
     with one_thread():
         trainer = run_sft(SftArgs(model="smollm2-135m-instruct", model_name=["Smithy"], model_author=["Tunesmith Labs"],
                                   system=SYSTEM, output_dir=str(root / "run"), torch_dtype="float32", max_steps=30,
-                                  eval_identity=False, **DEMO_RECIPE), quiet=True)
+                                  eval_identity=False, **RECIPES["identity"]), quiet=True)
         ckpt = trainer.last_checkpoint
         ggufs = {}
         for kind in ("f16", "q8_0", "q4_0"):

@@ -15,6 +15,19 @@ from tunesmith.decode.limits import (MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MI
 from tunesmith.errors import UserError
 
 
+# The recipes measured on the bundled SmolLM2-135M-Instruct (`python bench/identity_recipes.py --part recipes`;
+# the table is in bench/RESULTS.md): "identity" adopts the new identity in both languages; "balanced" also keeps
+# general answers close to the base's (general-distill rows trained towards the adapter-off model, --retain_kl).
+# `tunesmith demo` runs "balanced"; the studio offers both as presets. A 7B model keeps the tutorial's flags.
+_IDENTITY = dict(dataset=["self-cognition"], learning_rate=1e-3, num_train_epochs=2.0, per_device_train_batch_size=1,
+                 gradient_accumulation_steps=8, lora_rank=8, lora_alpha=32, lora_dropout=0.0, warmup_ratio=0.05)
+RECIPES = {
+    "identity": _IDENTITY,
+    "balanced": dict(_IDENTITY, dataset=["self-cognition", "general-distill#40"], retain_kl=8.0, learning_rate=2e-3,
+                     num_train_epochs=1.0),
+}
+
+
 def opt(default, help: str, nargs=None, choices=None, aliases: tuple[str, ...] = (), *, at_least=None, above=None,
         at_most=None, below=None, zero_or_at_least=None):
     """A flag. at_least / above / at_most / below / zero_or_at_least bound a number (checked by `build`, one
@@ -272,8 +285,8 @@ class DemoArgs(ModelArgs):
     model_author: list = many("its author (Chinese then English, or one)")
     output_dir: str = opt("output_demo", "where the run goes")
     max_steps: int = opt(-1, "optimizer steps (default: the demo's recipe)")
-    dataset: list = many("training data (default: self-cognition); e.g. 'self-cognition general-distill#120' for the "
-                         "tutorial's mixed-data step")
+    dataset: list = many("training data (default: the balanced recipe's 'self-cognition general-distill#40'); e.g. "
+                         "'self-cognition' alone")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,19 @@
 """`tunesmith demo`: the whole job, offline, on CPU, in a few minutes, on the bundled SmolLM2-135M-Instruct.
 
   1. the base model answers "Who are you?" / "你是谁？" (it says it is SmolLM, or something generic);
-  2. LoRA fine-tuning on the built-in self-cognition data, filled with the name and author given;
-  3. the same questions again, then the identity + retention report on held-out questions.
+  2. LoRA fine-tuning on the built-in self-cognition data, filled with the name and author given, beside general
+     answers sampled from the base itself and trained towards its distributions (args.RECIPES["balanced"]);
+  3. the same questions again, then the identity + retention check on held-out questions (sft's check).
 
-The recipe (DEMO_RECIPE) is tuned for a 135M model on 2 CPU cores; the tutorial's 7B recipe keeps ms-swift's
-defaults. A 135M model needs a higher learning rate and more passes to move its identity than a 7B one.
+The recipe was measured on a 135M model on 2 CPU cores (bench/RESULTS.md); the tutorial's 7B recipe keeps
+ms-swift's defaults. A 135M model needs a higher learning rate to move its identity than a 7B one.
 """
 
 from __future__ import annotations
 
 import sys
 
-from tunesmith.args import DemoArgs, SftArgs
+from tunesmith.args import RECIPES, DemoArgs, SftArgs
 from tunesmith.commands.sft import identity_check, run_sft
 from tunesmith.decode.generator import Generator
 from tunesmith.decode.sampling import SamplingConfig
@@ -22,19 +23,7 @@ from tunesmith.train.loop import schedule
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["Who are you?", "你是谁？"]
-DEMO_RECIPE = dict(
-    dataset=["self-cognition"],
-    learning_rate=1e-3,
-    num_train_epochs=2,
-    per_device_train_batch_size=1,
-    gradient_accumulation_steps=8,
-    lora_rank=8,
-    lora_alpha=32,
-    lora_dropout=0.0,
-    warmup_ratio=0.05,
-    logging_steps=5,
-    save_steps=1000,
-)
+DEMO_RECIPE = dict(RECIPES["balanced"], logging_steps=5, save_steps=1000)
 
 
 def ask(lm, system: str) -> list[str]:
@@ -57,10 +46,14 @@ def demo(args: DemoArgs) -> int:
     print(f"tunesmith demo: teaching {model} that it is {' / '.join(name)} by {' / '.join(author)}", flush=True)
     lm = load_model(model, args.torch_dtype, device)
     show("before fine-tuning", ask(lm, SYSTEM))
+    recipe = dict(DEMO_RECIPE, dataset=list(args.dataset) or DEMO_RECIPE["dataset"])
+    if not any(d.split("#")[0] == "general-distill" for d in recipe["dataset"]):
+        recipe["retain_kl"] = 0.0  # --retain_kl applies to general-distill rows only
     sft_args = SftArgs(model=model, model_name=name, model_author=author, system=SYSTEM, output_dir=args.output_dir,
                        seed=args.seed, device=str(device), torch_dtype=args.torch_dtype, max_steps=args.max_steps,
-                       eval_identity=False, **dict(DEMO_RECIPE, dataset=list(args.dataset) or DEMO_RECIPE["dataset"]))
-    print(f"\n== fine-tuning (LoRA r{DEMO_RECIPE['lora_rank']}, {' + '.join(sft_args.dataset)})", flush=True)
+                       eval_identity=False, **recipe)
+    kl = f", --retain_kl {sft_args.retain_kl:g}" if sft_args.retain_kl else ""
+    print(f"\n== fine-tuning (LoRA r{sft_args.lora_rank}, {' + '.join(sft_args.dataset)}{kl})", flush=True)
     trainer = run_sft(sft_args, lm=lm)
     set_active_adapter(lm.model, "default")
     lm.model.eval()

@@ -290,9 +290,9 @@ def advice(report: dict, ck: dict, lr_sum: float | None = None) -> list[str]:
                 f"{ret['correct_base']:.0%} -> {ret['correct_tuned']:.0%}")
         datasets = ck.get("dataset") or []
         if not any(str(d).startswith("general-distill") for d in datasets):
-            fix = "add --dataset general-distill#120 --retain_kl 4 (general answers of the base model, kept close to it)"
+            fix = "add --dataset general-distill#40 --retain_kl 8 (general answers of the base model, kept close to it)"
         elif not ck.get("retain_kl"):
-            fix = "add --retain_kl 4 (the general-distill rows then keep the base's whole distributions)"
+            fix = "add --retain_kl 8 (the general-distill rows then keep the base's whole distributions)"
         else:
             fix = f"raise --retain_kl above {ck['retain_kl']:g} or lower --learning_rate"
         out.append(f"advice: general answers moved ({what}); {fix}.")

@@ -9,18 +9,13 @@ import io
 import shlex
 
 from tunesmith import args as A
+from tunesmith.args import RECIPES
 from tunesmith.errors import UserError
 
-# The presets' recipes on the bundled model: DEMO_RECIPE's schedule (commands/demo.py), which adopts the identity
-# in both languages; "balanced" adds the README's mixed-data step (general answers of the base, kept close to it).
+# The presets: the recipes measured on the bundled model (args.RECIPES), saving every 10 steps for resume.
 PRESETS = {
-    "quick": {"dataset": ["self-cognition"], "learning_rate": 1e-3, "num_train_epochs": 2.0,
-              "gradient_accumulation_steps": 8, "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.0,
-              "warmup_ratio": 0.05, "logging_steps": 1, "save_steps": 10, "max_length": 512},
-    "balanced": {"dataset": ["self-cognition", "general-distill#120"], "retain_kl": 4.0, "learning_rate": 1e-3,
-                 "num_train_epochs": 2.0, "gradient_accumulation_steps": 8, "lora_rank": 8, "lora_alpha": 32,
-                 "lora_dropout": 0.0, "warmup_ratio": 0.05, "logging_steps": 1, "save_steps": 10,
-                 "max_length": 1024},
+    "quick": dict(RECIPES["identity"], logging_steps=1, save_steps=10, max_length=512),
+    "balanced": dict(RECIPES["balanced"], logging_steps=1, save_steps=10, max_length=1024),
 }
 ALWAYS = ("model", "dataset")  # shown even when equal to the default
 HIDDEN = ("dry_run", "report_to", "dataloader_num_workers", "model_type")  # no use on the page

@@ -530,7 +530,10 @@ async function main() {
   $("check-data").onclick = () => guard(checkData);
   document.querySelectorAll("input[name=preset]").forEach((r) => { r.onchange = () => {
     S.preset = r.value;
-    if (r.value === "balanced" && !(S.distill > 0)) { S.distill = 120; $("distill").value = 120; $("distill-value").textContent = 120; }
+    if (r.value === "balanced" && !(S.distill > 0)) {  // the preset's own general-distill#N
+      const d = (SFT.presets.balanced.dataset || []).find((x) => x.startsWith("general-distill#"));
+      S.distill = d ? Number(d.split("#")[1]) : 0; $("distill").value = S.distill; $("distill-value").textContent = S.distill;
+    }
     save(); renderPresetHint(); renderCustom(); refreshCommand(); }; });
   $("copy").onclick = () => navigator.clipboard && navigator.clipboard.writeText(`cd ${$("cwd").textContent} && ${$("command").textContent}`);
   $("start").onclick = () => guard(startRun);
