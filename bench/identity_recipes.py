@@ -1,10 +1,10 @@
 """Which recipe makes the bundled model adopt a new identity without forgetting? And how much training does the
 identity need to move at all? On CPU, on the bundled SmolLM2-135M-Instruct, held-out questions only.
 
---part recipes: `tunesmith sft` with the demo's recipe (LoRA r8, lr 1e-3, 2 epochs of batch 1 x 8 accumulation) on
-  the built-in self-cognition set, with and without general rows, each followed by the identity check; one JSON
-  line per recipe: adopted / leaked per language, identity intruding into general answers, general answers
-  correct before / after, mean KL(base || tuned), steps, seconds.
+--part recipes: `tunesmith sft` (LoRA r8, 8 samples a step, seed 42) on the built-in self-cognition set, alone and
+  with general-distill rows (cross-entropy, or --retain_kl), at 2 epochs of 1e-3 or 1 epoch of 2e-3, each followed by
+  the identity check; one JSON line per recipe: adopted / leaked per language, identity intruding into general
+  answers, general answers correct before / after, mean KL(base || tuned), steps, seconds.
 --part schedule: LoRA runs at a constant learning rate, a checkpoint every few steps, each checkpoint's adoption
   of the held-out identity questions; one JSON line per (learning rate, step) with the summed learning rate
   (the quantity sft's data check warns on).
