@@ -18,7 +18,7 @@ from tunesmith.errors import UserError
 # The recipes measured on the bundled SmolLM2-135M-Instruct (`python bench/identity_recipes.py --part recipes`;
 # the table is in bench/RESULTS.md): "identity" adopts the new identity in both languages; "balanced" also keeps
 # general answers close to the base's (general-distill rows trained towards the adapter-off model, --retain_kl).
-# `tunesmith demo` runs "balanced"; the studio offers both as presets. A 7B model keeps the tutorial's flags.
+# `tunesmith demo` runs "balanced"; the studio offers both as presets. Flags a user gives are never replaced.
 _IDENTITY = dict(dataset=["self-cognition"], learning_rate=1e-3, num_train_epochs=2.0, per_device_train_batch_size=1,
                  gradient_accumulation_steps=8, lora_rank=8, lora_alpha=32, lora_dropout=0.0, warmup_ratio=0.05)
 RECIPES = {

@@ -5,8 +5,8 @@
      answers sampled from the base itself and trained towards its distributions (args.RECIPES["balanced"]);
   3. the same questions again, then the identity + retention check on held-out questions (sft's check).
 
-The recipe was measured on a 135M model on 2 CPU cores (bench/RESULTS.md); the tutorial's 7B recipe keeps
-ms-swift's defaults. A 135M model needs a higher learning rate to move its identity than a 7B one.
+The recipe was measured on the bundled 135M model on 2 CPU cores (bench/RESULTS.md); the tutorial's commands keep
+ms-swift's defaults.
 """
 
 from __future__ import annotations
